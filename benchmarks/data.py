@@ -79,5 +79,7 @@ def multi_mnist(
     pad = 28 + 2 * shift
     canvas = np.zeros((num_pairs, pad, pad), np.float32)
     canvas[:, :28, :28] = images[left]
-    canvas[:, 2 * shift :, 2 * shift :] = np.maximum(canvas[:, 2 * shift :, 2 * shift :], images[right])
+    canvas[:, 2 * shift :, 2 * shift :] = np.maximum(
+        canvas[:, 2 * shift :, 2 * shift :], images[right]
+    )
     return _resize(canvas, size), np.stack([labels[left], labels[right]], axis=1)

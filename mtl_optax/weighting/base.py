@@ -1,0 +1,90 @@
+"""The one abstraction of the library: a ``Weighting``.
+
+Almost every multi-task method computes task weights ``w`` from the Gram matrix
+``G = J Jᵀ`` of the task gradients and/or the task losses, then updates along
+``Σ w_i g_i``. A ``Weighting`` is that computation as a pair of pure functions, in the
+spirit of ``optax.GradientTransformation``:
+
+* ``init(num_tasks) -> state`` (a NamedTuple of arrays);
+* ``update(gram, losses, state, **extra) -> (weights, state)``; ``gram`` is (K, K) or
+  ``None`` when ``needs_gram`` is False, ``losses`` is (K,) or ``None`` when
+  ``needs_losses`` is False; unknown ``extra`` keyword arguments are ignored.
+
+Weights are (K,) float32 and ``stop_gradient``-ed: no solver is differentiated through.
+The same object runs in every tier: :func:`mtl_optax.aggregate` (stacked per-task
+gradients) or :func:`mtl_optax.weighted_value_and_grad` (losses only, or the Gram of
+gradients at a shared representation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtl_optax.solvers import check_gram
+
+
+class EmptyWeightingState(NamedTuple):
+    """State of a weighting that keeps none."""
+
+
+class Weighting(NamedTuple):
+    """A pure task-weighting rule (see the module docstring)."""
+
+    init: Callable[[int], Any]
+    update: Callable[..., tuple[jax.Array, Any]]
+    needs_gram: bool = True
+    needs_losses: bool = False
+
+
+def check_num_tasks(num_tasks: Any) -> int:
+    """``num_tasks`` must be a positive Python int (it fixes the state's shapes)."""
+    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+        raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+    return num_tasks
+
+
+def check_inputs(
+    weighting: Weighting, gram: jax.Array | None, losses: jax.Array | None
+) -> tuple[int, jax.Array | None, jax.Array | None]:
+    """Trace-time checks shared by all weightings; returns ``(K, gram32, losses32)``.
+
+    ``gram`` must be square (K, K) when the weighting needs it, ``losses`` a (K,) vector
+    when it needs them; both are promoted to float32 at least (bf16 welcome).
+    """
+    k = None
+    if weighting.needs_gram:
+        if gram is None:
+            raise ValueError(
+                "This weighting needs the Gram matrix of the task gradients; got None."
+            )
+        k = check_gram(gram)
+        gram = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
+    if weighting.needs_losses:
+        if losses is None:
+            raise ValueError(
+                "This weighting needs the task losses: pass `task_losses=` to the aggregate "
+                "transform (or use weighted_value_and_grad, which passes them)."
+            )
+        shape = jnp.shape(losses)
+        if len(shape) != 1 or (k is not None and shape[0] != k):
+            want = "(K,)" if k is None else f"({k},)"
+            raise ValueError(f"`losses` must have shape {want} (one per task), got {shape}.")
+        k = shape[0]
+        losses = jnp.asarray(losses).astype(jnp.promote_types(jnp.result_type(losses), jnp.float32))
+    if k is None:
+        if losses is not None:
+            k = jnp.shape(losses)[0]
+        elif gram is not None:
+            k = check_gram(gram)
+        else:
+            raise ValueError("Pass the Gram matrix or the losses so the number of tasks is known.")
+    return k, gram, losses
+
+
+def finish(weights: jax.Array) -> jax.Array:
+    """Weights leave a weighting as float32 and outside autodiff."""
+    return jax.lax.stop_gradient(weights.astype(jnp.float32))

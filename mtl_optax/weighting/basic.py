@@ -1,0 +1,73 @@
+"""Fixed weightings: mean, sum and constant weights (linear scalarisation).
+
+``Σ w_i L_i`` with fixed ``w``: the baseline every multi-task method is compared with.
+None looks at the Gram matrix, so all run in tier 1 (one backward pass). They are
+linear under scaling of the gradients and are not non-conflicting in general.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_optax.weighting.base import (
+    EmptyWeightingState,
+    Weighting,
+    check_inputs,
+    check_num_tasks,
+    finish,
+)
+
+
+def constant_weighting(weights) -> Weighting:
+    """Constant task weights ``w`` (given, any sign; shape (K,)).
+
+    Example::
+
+        w = mtl.constant_weighting([1.0, 0.5])
+        weights, _ = w.update(None, jnp.array([0.3, 0.7]), w.init(2))  # [1.0, 0.5]
+    """
+    fixed = np.asarray(weights, dtype=np.float32)
+    if fixed.ndim != 1 or fixed.size == 0:
+        raise ValueError(f"`weights` must be a non-empty 1-D sequence, got shape {fixed.shape}.")
+
+    def init(num_tasks):
+        if check_num_tasks(num_tasks) != fixed.size:
+            raise ValueError(
+                f"constant_weighting has {fixed.size} weights but num_tasks={num_tasks}."
+            )
+        return EmptyWeightingState()
+
+    def update(gram, losses, state, **extra):
+        del extra
+        k, _, _ = check_inputs(weighting, gram, losses)
+        if k != fixed.size:
+            raise ValueError(f"constant_weighting has {fixed.size} weights but got {k} tasks.")
+        return finish(jnp.asarray(fixed)), state
+
+    weighting = Weighting(init, update, needs_gram=False)
+    return weighting
+
+
+def _uniform(value_for_k) -> Weighting:
+    def init(num_tasks):
+        check_num_tasks(num_tasks)
+        return EmptyWeightingState()
+
+    def update(gram, losses, state, **extra):
+        del extra
+        k, _, _ = check_inputs(weighting, gram, losses)
+        return finish(jnp.full((k,), value_for_k(k))), state
+
+    weighting = Weighting(init, update, needs_gram=False)
+    return weighting
+
+
+def mean_weighting() -> Weighting:
+    """Equal weights ``w_i = 1/K``: the update is the mean of the task gradients."""
+    return _uniform(lambda k: 1.0 / k)
+
+
+def sum_weighting() -> Weighting:
+    """Unit weights ``w_i = 1``: the update is the sum of the task gradients."""
+    return _uniform(lambda k: 1.0)
