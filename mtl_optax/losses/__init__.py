@@ -7,9 +7,23 @@ ArcFace, SphereFace, metric-margin softmax), ``rdrop`` (R-Drop and two-pass help
 """
 
 from mtl_optax.losses.contrastive import flat_nce, info_nce, simclr_scores
+from mtl_optax.losses.margin import (
+    arcface_loss,
+    cosface_loss,
+    cosine_logits,
+    estimate_margin,
+    metric_margin_loss,
+    sphereface_loss,
+)
 
 __all__ = [
+    "arcface_loss",
+    "cosface_loss",
+    "cosine_logits",
+    "estimate_margin",
     "flat_nce",
     "info_nce",
+    "metric_margin_loss",
     "simclr_scores",
+    "sphereface_loss",
 ]
