@@ -260,15 +260,17 @@ def write_results(out: str | Path | None, name: str, text: str, fig=None) -> lis
     return written
 
 
-def figure(ncols: int = 1, *, width: float = 5.0, height: float = 3.6):
-    """A matplotlib figure on the non-interactive backend."""
+def figure(ncols: int = 1, *, nrows: int = 1, width: float = 5.0, height: float = 3.6):
+    """A matplotlib figure on the non-interactive backend and its axes, flattened row-major."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, axes[0]
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False
+    )
+    return fig, axes.ravel()
 
 
 class Stopwatch:
