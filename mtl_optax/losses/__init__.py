@@ -15,6 +15,13 @@ from mtl_optax.losses.margin import (
     metric_margin_loss,
     sphereface_loss,
 )
+from mtl_optax.losses.rdrop import (
+    rdrop_consistency,
+    rdrop_loss,
+    rdrop_regression_loss,
+    two_pass_duplicated,
+    two_pass_vmap,
+)
 
 __all__ = [
     "arcface_loss",
@@ -24,6 +31,11 @@ __all__ = [
     "flat_nce",
     "info_nce",
     "metric_margin_loss",
+    "rdrop_consistency",
+    "rdrop_loss",
+    "rdrop_regression_loss",
     "simclr_scores",
     "sphereface_loss",
+    "two_pass_duplicated",
+    "two_pass_vmap",
 ]
