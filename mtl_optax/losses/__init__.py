@@ -7,6 +7,15 @@ ArcFace, SphereFace, metric-margin softmax), ``rdrop`` (R-Drop and two-pass help
 """
 
 from mtl_optax.losses.contrastive import flat_nce, info_nce, simclr_scores
+from mtl_optax.losses.flooding import (
+    AlternatingAscentState,
+    FloodingState,
+    alternating_ascent,
+    flood,
+    flooding,
+    gradient_penalty,
+    iflood,
+)
 from mtl_optax.losses.margin import (
     arcface_loss,
     cosface_loss,
@@ -24,11 +33,18 @@ from mtl_optax.losses.rdrop import (
 )
 
 __all__ = [
+    "AlternatingAscentState",
+    "FloodingState",
+    "alternating_ascent",
     "arcface_loss",
     "cosface_loss",
     "cosine_logits",
     "estimate_margin",
     "flat_nce",
+    "flood",
+    "flooding",
+    "gradient_penalty",
+    "iflood",
     "info_nce",
     "metric_margin_loss",
     "rdrop_consistency",
