@@ -1,0 +1,131 @@
+"""aggregate: reduction of the task axis, optax composition, tier equivalence, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_optax as mtl
+from tests import models
+
+
+def setup():
+    params = models.init_params(jax.random.PRNGKey(0))
+    batch = models.make_batch(jax.random.PRNGKey(1))
+    losses, task_grads = mtl.value_and_jacobian(models.task_losses)(params, batch)
+    return params, batch, losses, task_grads
+
+
+def shared_gram(task_grads):
+    flat = jnp.concatenate(
+        [task_grads["trunk"]["w"].reshape(models.K, -1), task_grads["trunk"]["b"]], axis=1
+    )
+    return flat @ flat.T, flat
+
+
+def test_shared_leaves_weighted_heads_summed():
+    params, _, losses, task_grads = setup()
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    updates, state = transform.update(
+        task_grads, transform.init(params), params, task_losses=losses
+    )
+    gram, flat = shared_gram(task_grads)
+    expected_w, _ = mtl.mgda().update(gram, None, mtl.mgda().init(models.K))
+    np.testing.assert_allclose(state.weights, expected_w, atol=1e-6)
+    np.testing.assert_allclose(
+        updates["trunk"]["w"], jnp.tensordot(expected_w, task_grads["trunk"]["w"], 1), atol=1e-6
+    )
+    np.testing.assert_allclose(updates["heads"]["w"], task_grads["heads"]["w"].sum(0), atol=1e-6)
+    u = np.asarray(expected_w) @ np.asarray(flat)  # non-conflicting on the shared parameters
+    assert np.all(np.asarray(flat) @ u >= -1e-6)
+
+
+def test_callable_mask_and_default_all_shared():
+    params, _, losses, task_grads = setup()
+    by_name = lambda p: {
+        "trunk": jax.tree_util.tree_map(lambda _: True, p["trunk"]),
+        "heads": jax.tree_util.tree_map(lambda _: False, p["heads"]),
+    }
+    a = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=by_name)
+    b = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    ua, _ = a.update(task_grads, a.init(params), params)
+    ub, _ = b.update(task_grads, b.init(params), params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ua, ub)
+    c = mtl.aggregate(mtl.mean_weighting(), num_tasks=models.K)
+    uc, _ = c.update(task_grads, c.init(params), params)
+    jax.tree_util.tree_map(
+        lambda u, g: np.testing.assert_allclose(u, g.mean(0), rtol=1e-6, atol=1e-7), uc, task_grads
+    )
+
+
+def test_chains_with_adam_under_jit_and_trains():
+    params, batch, _, _ = setup()
+    opt = optax.chain(
+        mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED), optax.adam(1e-2)
+    )
+    state = opt.init(params)
+    jac_fn = mtl.value_and_jacobian(models.task_losses)
+
+    @jax.jit
+    def step(params, state):
+        losses, task_grads = jac_fn(params, batch)
+        updates, state = opt.update(task_grads, state, params, task_losses=losses, unknown_extra=1)
+        return optax.apply_updates(params, updates), state, losses
+
+    first = None
+    for _ in range(200):
+        params, state, losses = step(params, state)
+        first = losses if first is None else first
+    # MGDA never increases a task's loss to first order; after training every loss went down.
+    assert np.all(np.asarray(losses) < np.asarray(first))
+    assert state[0].weights.shape == (models.K,) and abs(float(state[0].weights.sum()) - 1) < 1e-5
+
+
+def test_bf16_task_gradients():
+    params, _, losses, task_grads = setup()
+    bf16 = jax.tree_util.tree_map(lambda g: g.astype(jnp.bfloat16), task_grads)
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    updates, state = transform.update(bf16, transform.init(params), params)
+    assert updates["trunk"]["w"].dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(state.weights)))
+    ref, _ = transform.update(task_grads, transform.init(params), params)
+    np.testing.assert_allclose(
+        updates["trunk"]["w"].astype(jnp.float32), ref["trunk"]["w"], atol=0.05
+    )
+
+
+def test_zero_and_single_task_gradients():
+    params, _, _, task_grads = setup()
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, task_grads)
+    transform = mtl.aggregate(mtl.gradient_normalized(), num_tasks=models.K, shared=models.SHARED)
+    updates, state = transform.update(zeros, transform.init(params), params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree_util.tree_leaves(updates))
+    one = jax.tree_util.tree_map(lambda g: g[:1], task_grads)
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=1)
+    updates, state = transform.update(one, transform.init(params), params)
+    jax.tree_util.tree_map(
+        lambda u, g: np.testing.assert_allclose(u, g[0], rtol=1e-6), updates, one
+    )
+
+
+def test_errors_name_the_offending_leaf():
+    params, _, _, task_grads = setup()
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    state = transform.init(params)
+    bad = {**task_grads, "heads": {**task_grads["heads"], "b": task_grads["heads"]["b"][:2]}}
+    with pytest.raises(ValueError, match=r"\['heads'\]\['b'\].*leading task axis"):
+        transform.update(bad, state, params)
+    with pytest.raises(ValueError, match="must come first in optax.chain"):
+        plain = jax.tree_util.tree_map(lambda g: g.sum(0), task_grads)
+        mtl.aggregate(mtl.mgda(), num_tasks=4, shared=models.SHARED).update(
+            jax.tree_util.tree_map(lambda g: jnp.stack([g] * 4)[:, 0], plain), state, params
+        )
+    with pytest.raises(ValueError, match="`shared` mask structure"):
+        wrong = mtl.aggregate(
+            mtl.mgda(), num_tasks=models.K, shared={"trunk": True, "heads": False}
+        )
+        wrong.update(task_grads, state, params)
+    with pytest.raises(ValueError, match="task losses"):
+        needs = mtl.aggregate(mtl.mgda(normalization="loss"), num_tasks=models.K)
+        needs.update(task_grads, needs.init(params), params)
