@@ -11,8 +11,12 @@ def check_grad_fd(f, *args, argnum=0, n_dirs=6, eps=1e-6, rtol=1e-5, atol=1e-7, 
     ``f`` maps ``args`` to a scalar; ``args[argnum]`` is perturbed.
     """
     with jax.enable_x64(True):
-        args = [jnp.asarray(a, jnp.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
-                else jnp.asarray(a) for a in args]
+        args = [
+            jnp.asarray(a, jnp.float64)
+            if np.issubdtype(np.asarray(a).dtype, np.floating)
+            else jnp.asarray(a)
+            for a in args
+        ]
         x = args[argnum]
 
         def fx(z):

@@ -2,6 +2,8 @@
 interpretation of descent/ascent pairs checked on a quadratic (exact) and a
 non-quadratic loss (error O(eps^3))."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,7 @@ def test_flooding_transform_flips_below_level():
     np.testing.assert_allclose(out, np.stack([-g, g]), rtol=1e-6)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _descent_then_ascent_with_flooding(loss_fn, theta, eps):
     opt = optax.chain(flooding(level=1.0), optax.sgd(eps))
     state = opt.init(theta)
@@ -92,6 +95,7 @@ def _descent_then_ascent_with_flooding(loss_fn, theta, eps):
     return theta
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _grad_norm_step(loss_fn, theta, rate):
     sq = lambda t: jnp.sum(jax.grad(loss_fn)(t) ** 2)
     return theta - rate * jax.grad(sq)(theta)
@@ -119,6 +123,7 @@ def test_descent_ascent_is_grad_norm_step():
         assert np.all((ratios > 6.5) & (ratios < 9.5)), ratios
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _alternating_two_steps(loss_fn, theta, e1, e2):
     opt = alternating_ascent(descent_rate=e1, ascent_rate=e2)
     state = opt.init(theta)
@@ -126,6 +131,11 @@ def _alternating_two_steps(loss_fn, theta, e1, e2):
         u, state = opt.update(jax.grad(loss_fn)(theta), state)
         theta = optax.apply_updates(theta, u)
     return theta, state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _penalty_step(loss_fn, theta, coefficient, rate):
+    return theta - rate * jax.grad(gradient_penalty(loss_fn, coefficient=coefficient))(theta)
 
 
 def test_alternating_matches_penalty():
@@ -138,11 +148,10 @@ def test_alternating_matches_penalty():
                 c = e1 * e2 / (2 * (e1 - e2))
                 two, state = _alternating_two_steps(loss_fn, theta, e1, e2)
                 assert int(state.count) == 2
-                pen = gradient_penalty(loss_fn, coefficient=c)
-                pred = theta - (e1 - e2) * jax.grad(pen)(theta)
+                pred = _penalty_step(loss_fn, theta, c, e1 - e2)
                 errs.append(float(jnp.linalg.norm(two - pred)))
                 # the prediction is better than plain gradient descent at rate e1 - e2
-                plain = theta - (e1 - e2) * jax.grad(loss_fn)(theta)
+                plain = _penalty_step(loss_fn, theta, 0.0, e1 - e2)
                 assert float(jnp.linalg.norm(two - plain)) > 10 * errs[-1]
             if exact:
                 assert max(errs) < 1e-13, errs

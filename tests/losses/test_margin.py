@@ -87,7 +87,10 @@ def test_losses_match_numpy(data, fn, ref, kw):
     np.testing.assert_allclose(out, ref(c, y, **kw), rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("fn,ref,kw", CASES, ids=IDS)
+GRAD_CASES = [CASES[i] for i in (0, 2, 4, 5, 6, 7, 8)]  # every code path once
+
+
+@pytest.mark.parametrize("fn,ref,kw", GRAD_CASES, ids=[IDS[i] for i in (0, 2, 4, 5, 6, 7, 8)])
 def test_gradients_interior_and_boundary(data, fn, ref, kw):
     c, y = data
     check_grad_fd(lambda x: fn(x, y, **kw).sum(), c, rtol=1e-4, atol=1e-5)
@@ -155,8 +158,9 @@ def test_bfloat16_input():
     for fn, ref, kw in CASES[::2]:
         out = fn(c, y, **kw)
         assert out.dtype == jnp.float32
-        np.testing.assert_allclose(out, ref(np.asarray(c, np.float64), np.asarray(y), **kw),
-                                   rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            out, ref(np.asarray(c, np.float64), np.asarray(y), **kw), rtol=1e-3, atol=1e-3
+        )
 
 
 def test_bad_inputs_raise():

@@ -1,5 +1,7 @@
 """Tests for mtl_optax.losses.rdrop against float64 NumPy/SciPy and a flax Dropout model."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,8 +65,9 @@ def test_rdrop_regression_matches_numpy():
     rng = np.random.default_rng(1)
     p1, p2, t = rng.normal(size=(3, 4, 2))
     ref = (p1 - t) ** 2 + (p2 - t) ** 2 + 2.5 * (p1 - p2) ** 2
-    out = rdrop_regression_loss(p1.astype(np.float32), p2.astype(np.float32),
-                                t.astype(np.float32), alpha=2.5)
+    out = rdrop_regression_loss(
+        p1.astype(np.float32), p2.astype(np.float32), t.astype(np.float32), alpha=2.5
+    )
     np.testing.assert_allclose(out, ref, rtol=1e-5)
     out = rdrop_regression_loss(p1, p2, t.astype(np.float32), alpha=2.5, axis=-1)
     np.testing.assert_allclose(out, ref.sum(-1), rtol=1e-5)
@@ -84,9 +87,10 @@ def test_flax_two_pass_helpers():
     model = _MLP()
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 5)), jnp.float32)
     y = jnp.array([0, 1, 2, 0])
-    params = model.init(jax.random.key(0), x, train=False)
+    params = jax.jit(lambda k, inp: model.init(k, inp, train=False))(jax.random.key(0), x)
     key = jax.random.key(1)
 
+    @functools.partial(jax.jit, static_argnames="train")
     def apply_fn(k, inp, train=True):
         return model.apply(params, inp, train=train, rngs={"dropout": k})
 
@@ -127,8 +131,9 @@ def test_jit_and_vmap(data):
     np.testing.assert_allclose(out[1], out[0], rtol=1e-6)
     alphas = jnp.array([0.0, 4.0])
     out = jax.vmap(lambda al: rdrop_loss(a, b, y, alpha=al))(alphas)
-    np.testing.assert_allclose(out[1], _np_rdrop(a.astype(np.float64), b.astype(np.float64), y,
-                                                 4.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        out[1], _np_rdrop(a.astype(np.float64), b.astype(np.float64), y, 4.0), rtol=1e-5
+    )
     assert rdrop_loss(jnp.asarray(a, jnp.bfloat16), b, y).dtype == jnp.float32
 
 
