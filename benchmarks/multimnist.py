@@ -208,7 +208,7 @@ def train(
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None):
-    parser = common.base_parser(__doc__.splitlines()[0], steps=1000, seeds=3)
+    parser = common.base_parser(__doc__.splitlines()[0], steps=800, seeds=3)
     parser.add_argument("--train-pairs", type=int, default=20_000)
     parser.add_argument("--test-pairs", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)

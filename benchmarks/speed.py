@@ -1,0 +1,377 @@
+"""Step time of each tier against the plain summed-loss step (DESIGN.md 2 and 6).
+
+Model: a shared ReLU MLP trunk 784 -> 512 -> 512 and K linear 10-way heads (stored
+stacked, one (K, 512, 10) weight), batch 256 of random inputs and labels, Adam(1e-3).
+For each K, every step below is one jitted call (gradients, weights, Adam update,
+``apply_updates``) waited for with ``block_until_ready``; the table gives the median over
+``--steps`` calls after two warm-up calls and its ratio to the plain step measured in the
+same run:
+
+* ``plain`` -- ``jax.grad`` of the summed task losses (what one would write without this
+  library);
+* ``tier 1`` -- ``weighted_value_and_grad`` with ``mean_weighting`` (one backward pass);
+* ``tier 2 MGDA`` -- ``weighted_value_and_grad`` with ``mgda()``: Gram of ``∂L_i/∂z`` at
+  the 512-d trunk output, then one backward pass;
+* ``tier 3 MGDA (strategy)`` -- ``value_and_jacobian(strategy=...)`` then
+  ``optax.chain(aggregate(mgda(), shared=trunk), adam)``, for ``vmap``, ``map`` and
+  ``chunked`` (``chunk_size = ceil(K / 4)``, at least 2);
+* ``torchjd MGDA`` (only when ``torchjd`` is importable) -- the same model in PyTorch
+  (trunk ``nn.Sequential``, K ``nn.Linear`` heads, same sizes, ``torch.set_num_threads``
+  set to the cores JAX uses): ``mtl_backward(losses, features=z)`` then
+  ``jac_to_grad(trunk.parameters(), MGDA())`` and ``torch.optim.Adam``; its ratio is to
+  our tier-3 MGDA with the default strategy (``vmap``). A plain PyTorch summed-loss step
+  is timed too, for reference.
+
+A second table times the weighting solve alone on a K = 64 random Gram (``A Aᵀ``,
+``A`` 64 x 2000 Gaussian): ``mgda()`` and ``primary_auxiliary(primary=0)``, jitted, median
+µs per call including dispatch, cold (empty warm-start state) and warm-started from the
+previous solution.
+
+    python -m benchmarks.speed                 # K = 2 10 40, < 5 min on 2 CPU cores
+    python -m benchmarks.speed --num-tasks 10  # one K
+    python -m benchmarks.speed --smoke         # seconds, K = 2, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mtl_optax as mtl
+from benchmarks import common
+
+STRATEGIES = ("vmap", "map", "chunked")
+DEFAULT_STRATEGY = "vmap"  # value_and_jacobian's default
+
+
+def chunk_size_for(num_tasks: int) -> int:
+    return max(2, math.ceil(num_tasks / 4))
+
+
+# --------------------------------------------------------------------------- model
+def init_params(key: jax.Array, num_tasks: int, sizes: Sequence[int]) -> dict[str, Any]:
+    k_trunk, k_heads = jax.random.split(key)
+    width = sizes[-1]
+    return {
+        "trunk": common.init_mlp(k_trunk, sizes),
+        "heads": {
+            "w": jax.random.normal(k_heads, (num_tasks, width, 10)) * jnp.sqrt(1.0 / width),
+            "b": jnp.zeros((num_tasks, 10)),
+        },
+    }
+
+
+def shared_mask(params) -> dict[str, Any]:
+    return {
+        "trunk": jax.tree_util.tree_map(lambda _: True, params["trunk"]),
+        "heads": jax.tree_util.tree_map(lambda _: False, params["heads"]),
+    }
+
+
+def encode(params, batch) -> jax.Array:
+    x, _ = batch
+    return common.mlp(params["trunk"], x, activate_last=True)
+
+
+def heads(params, z, batch) -> jax.Array:
+    """(K,) mean cross-entropy of each head."""
+    _, y = batch  # (B, K) int labels
+    logits = jnp.einsum("bd,kdc->kbc", z, params["heads"]["w"]) + params["heads"]["b"][:, None]
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y.T).mean(axis=1)
+
+
+def task_losses(params, batch) -> jax.Array:
+    return heads(params, encode(params, batch), batch)
+
+
+# --------------------------------------------------------------------------- steps
+def make_steps(
+    num_tasks: int, params, lr: float, strategies: Sequence[str] = STRATEGIES
+) -> dict[str, tuple[Callable, Any]]:
+    """Name -> (jitted ``step(state, batch) -> state``, initial state)."""
+    adam = optax.adam(lr)
+    steps: dict[str, tuple[Callable, Any]] = {}
+
+    def plain(state, batch):
+        params, opt_state = state
+        grads = jax.grad(lambda p: jnp.sum(task_losses(p, batch)))(params)
+        updates, opt_state = adam.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    steps["plain"] = (plain, (params, adam.init(params)))
+
+    for name, weighting in (("tier 1", mtl.mean_weighting()), ("tier 2 MGDA", mtl.mgda())):
+        grad_fn = mtl.weighted_value_and_grad(encode, heads, weighting)
+
+        def weighted(state, batch, grad_fn=grad_fn):
+            params, opt_state, wstate = state
+            out = grad_fn(params, batch, wstate)
+            updates, opt_state = adam.update(out.grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, out.weighting_state
+
+        steps[name] = (weighted, (params, adam.init(params), weighting.init(num_tasks)))
+
+    opt = optax.chain(
+        mtl.aggregate(mtl.mgda(), num_tasks=num_tasks, shared=shared_mask(params)), adam
+    )
+    for strategy in strategies:
+        chunk = chunk_size_for(num_tasks) if strategy == "chunked" else None
+        jac_fn = mtl.value_and_jacobian(task_losses, strategy=strategy, chunk_size=chunk)
+
+        def tier3(state, batch, jac_fn=jac_fn):
+            params, opt_state = state
+            losses, task_grads = jac_fn(params, batch)
+            updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
+            return optax.apply_updates(params, updates), opt_state
+
+        steps[f"tier 3 MGDA ({strategy})"] = (tier3, (params, opt.init(params)))
+    return {name: (jax.jit(fn), state) for name, (fn, state) in steps.items()}
+
+
+def median_seconds(call: Callable[[], Any], *, calls: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``call()`` (which must wait for its result) after warm-up."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_jax_step(step: Callable, state, batch, *, calls: int) -> float:
+    box = [state]
+
+    def call():
+        box[0] = jax.block_until_ready(step(box[0], batch))
+
+    return median_seconds(call, calls=calls)
+
+
+# --------------------------------------------------------------------------- torchjd
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+        import torchjd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def time_torch(
+    num_tasks: int, sizes: Sequence[int], x: np.ndarray, y: np.ndarray, *, lr: float, calls: int
+) -> dict[str, float]:
+    """Seconds per step of the same model in PyTorch: plain summed loss and torchjd MGDA."""
+    import torch
+    from torch import nn
+    from torchjd.aggregation import MGDA
+    from torchjd.autojac import jac_to_grad, mtl_backward
+
+    torch.set_num_threads(_num_cores())
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for m, n in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(m, n), nn.ReLU()]
+    trunk = nn.Sequential(*layers)
+    head_list = nn.ModuleList([nn.Linear(sizes[-1], 10) for _ in range(num_tasks)])
+    xt = torch.from_numpy(np.array(x, np.float32))
+    yt = torch.from_numpy(np.array(y, np.int64))
+    out: dict[str, float] = {}
+
+    def losses_and_features():
+        z = trunk(xt)
+        losses = [
+            nn.functional.cross_entropy(head(z), yt[:, k]) for k, head in enumerate(head_list)
+        ]
+        return losses, z
+
+    params = list(trunk.parameters()) + list(head_list.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    def plain():
+        losses, _ = losses_and_features()
+        torch.stack(losses).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    out["plain"] = median_seconds(plain, calls=calls)
+
+    optimizer = torch.optim.Adam(params, lr=lr)
+    aggregator = MGDA()
+
+    def torchjd_mgda():
+        losses, z = losses_and_features()
+        mtl_backward(losses, features=z)
+        jac_to_grad(trunk.parameters(), aggregator)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    out["mgda"] = median_seconds(torchjd_mgda, calls=calls)
+    return out
+
+
+def _num_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- solves
+def time_solves(num_tasks: int, *, calls: int) -> dict[str, tuple[float, float]]:
+    """Median µs of the jitted weighting solve on a random Gram: (cold, warm-started)."""
+    a = jax.random.normal(jax.random.PRNGKey(1), (num_tasks, 2000))
+    gram = jnp.matmul(a, a.T, precision=jax.lax.Precision.HIGHEST)
+    out, n = {}, calls
+    for name, weighting in (
+        ("MGDA", mtl.mgda()),
+        ("primary/auxiliary", mtl.primary_auxiliary(primary=0)),
+    ):
+        solve = jax.jit(lambda g, s, w=weighting: w.update(g, None, s))
+        cold = weighting.init(num_tasks)
+        _, warm = jax.block_until_ready(solve(gram, cold))
+        out[name] = tuple(
+            1e6 * median_seconds(lambda s=s, f=solve: jax.block_until_ready(f(gram, s)), calls=n)
+            for s in (cold, warm)
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-tasks", type=int, nargs="+", default=[2, 10, 40])
+    parser.add_argument("--steps", type=int, default=20, help="timed calls per step (>= 20)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--width", type=int, default=512, help="trunk width")
+    parser.add_argument(
+        "--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
+        help="tier-3 Jacobian strategies to time",
+    )
+    parser.add_argument("--solve-tasks", type=int, default=64)
+    parser.add_argument("--solve-calls", type=int, default=200)
+    parser.add_argument("--no-torch", action="store_true", help="skip torchjd even if installed")
+    parser.add_argument(
+        "--out", default=str(common.RESULTS_DIR), help="folder for speed_cpu.md ('' for none)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, K = 2, few steps, no torch (tests)"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_tasks, args.steps, args.batch_size, args.width = [2], 3, 32, 32
+        args.solve_tasks, args.solve_calls, args.no_torch = 8, 5, True
+        args.strategies = [DEFAULT_STRATEGY]
+    return args
+
+
+def _cell(seconds: float | None, reference: float | None) -> str:
+    if seconds is None:
+        return "–"
+    text = f"{1e3 * seconds:.2f}"
+    return text + (f" ({seconds / reference:.2f}×)" if reference else "")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"table", "solve_table", "rows"}``."""
+    args = parse_args(argv)
+    clock = common.Stopwatch()
+    sizes = (784, args.width, args.width)
+    use_torch = not args.no_torch and torch_available()
+    strategies = [s for s in STRATEGIES if s in args.strategies]
+    if use_torch and DEFAULT_STRATEGY not in strategies:
+        strategies.insert(0, DEFAULT_STRATEGY)  # torchjd's ratio refers to it
+    names = ["plain", "tier 1", "tier 2 MGDA", *(f"tier 3 MGDA ({s})" for s in strategies)]
+    rows: dict[int, dict[str, float]] = {}
+    for num_tasks in args.num_tasks:
+        key_x, key_y, key_p = jax.random.split(jax.random.PRNGKey(num_tasks), 3)
+        x = jax.random.uniform(key_x, (args.batch_size, 784))
+        y = jax.random.randint(key_y, (args.batch_size, num_tasks), 0, 10)
+        params = init_params(key_p, num_tasks, sizes)
+        row = {}
+        for name, (step, state) in make_steps(num_tasks, params, 1e-3, strategies).items():
+            row[name] = time_jax_step(step, state, (x, y), calls=args.steps)
+            print(f"K={num_tasks:>3} {name:<24} {1e3 * row[name]:9.2f} ms", flush=True)
+        if use_torch:
+            torch_times = time_torch(
+                num_tasks, sizes, np.asarray(x), np.asarray(y), lr=1e-3, calls=args.steps
+            )
+            row["torch plain"], row["torchjd MGDA"] = torch_times["plain"], torch_times["mgda"]
+            print(f"K={num_tasks:>3} torchjd MGDA {1e3 * row['torchjd MGDA']:9.2f} ms", flush=True)
+        rows[num_tasks] = row
+
+    headers = ["K", *names, "fastest tier-3 strategy"]
+    if use_torch:
+        headers += ["torch plain", f"torchjd MGDA (× ours, {DEFAULT_STRATEGY})"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for num_tasks, row in rows.items():
+        plain = row["plain"]
+        cells = [str(num_tasks)]
+        cells += [_cell(row[n], None if n == "plain" else plain) for n in names]
+        fastest = min(strategies, key=lambda s: row[f"tier 3 MGDA ({s})"])
+        cells.append(fastest + (f" (chunk {chunk_size_for(num_tasks)})" * (fastest == "chunked")))
+        if use_torch:
+            cells.append(_cell(row["torch plain"], None))
+            cells.append(_cell(row["torchjd MGDA"], row[f"tier 3 MGDA ({DEFAULT_STRATEGY})"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+
+    solves = time_solves(args.solve_tasks, calls=args.solve_calls)
+    solve_lines = [
+        f"| solve (K = {args.solve_tasks}) | cold start (µs) | warm start (µs) |",
+        "|---|---|---|",
+    ]
+    for name, (cold, warm) in solves.items():
+        solve_lines.append(f"| {name} | {cold:.0f} | {warm:.0f} |")
+    solve_table = "\n".join(solve_lines)
+
+    seconds = clock()
+    torch_note = (
+        "torchjd: not installed (optional; `pip install torch torchjd`)."
+        if not use_torch
+        else f"PyTorch {_torch_versions()}, {_num_cores()} threads."
+    )
+    text = (
+        "# Step time per tier (CPU)\n\n"
+        f"Trunk {' → '.join(map(str, sizes))} (ReLU), K linear 10-way heads, batch "
+        f"{args.batch_size}, Adam. Median of {args.steps} jitted steps after 2 warm-up calls "
+        f"(ms; in parentheses the ratio to the plain step of the same run; for torchjd, the "
+        f"ratio to our tier-3 MGDA with strategy {DEFAULT_STRATEGY!r}). chunked: chunk size "
+        f"ceil(K/4), at least 2. JAX {jax.__version__} on {jax.default_backend()}, "
+        f"{_num_cores()} cores. {torch_note} Wall time {seconds:.0f} s.\n\n"
+        + table
+        + "\n\nWeighting solve alone, jitted, median of "
+        f"{args.solve_calls} calls including dispatch; Gram `A Aᵀ`, A {args.solve_tasks} x "
+        "2000 Gaussian.\n\n"
+        + solve_table
+        + "\n"
+    )
+    print(table)
+    print()
+    print(solve_table)
+    if args.out:
+        for path in common.write_results(args.out, "speed_cpu", text):
+            print(f"wrote {path}")
+    return {"table": table, "solve_table": solve_table, "rows": rows}
+
+
+def _torch_versions() -> str:
+    from importlib.metadata import version
+
+    import torch
+
+    return f"{torch.__version__}, torchjd {version('torchjd')}"
+
+
+if __name__ == "__main__":
+    main()
