@@ -64,7 +64,7 @@ __all__ = [
 
 
 def _flood(loss, level):
-    loss = jnp.asarray(loss)
+    loss = C.promote(jnp.asarray(loss))
     # |L − b| + b, written so the gradient at L == b is +1 (same tie as `flooding`).
     return jnp.where(loss >= level, loss, 2.0 * level - loss)
 
@@ -73,8 +73,8 @@ def flood(loss, *, level) -> jax.Array:
     r"""``|L − b| + b`` elementwise; apply it to the batch-mean loss.
 
     Gradient: ``+∇L`` when ``L ≥ b``, ``−∇L`` when ``L < b``. ``level = b ≥ 0``
-    (checked when concrete). Works on scalars or arrays of any floating dtype
-    (returned in the input dtype promoted with the level).
+    (checked when concrete). Works on scalars or arrays of any floating dtype;
+    the result is promoted to at least float32 (bfloat16 in → float32 out).
 
     Oracle: ``tests/losses/test_flooding.py::test_flood_and_iflood`` (NumPy formula
     and ``jax.grad`` signs).

@@ -43,6 +43,7 @@ def test_flood_and_iflood():
     # gradient signs: reversed strictly below b, +1 at the tie and above
     g = jax.grad(lambda x: iflood(x, level=b).sum())(jnp.asarray(losses))
     np.testing.assert_array_equal(g, [-1.0, 1.0, 1.0])
+    assert flood(jnp.asarray(losses, jnp.bfloat16), level=b).dtype == jnp.float32
     # flood on the batch mean versus iFlood per instance differ
     mean_flood = flood(losses.mean(), level=0.45)
     assert np.isclose(mean_flood, 0.5)  # mean 0.5 >= 0.45: unchanged
