@@ -56,24 +56,43 @@ def check_gram(gram: jax.Array, name: str = "gram") -> int:
     return shape[0]
 
 
-def _solve_on_support(gram, primary, support, d, ridge):
-    """Solve the equality-constrained subproblem on ``support`` S.
+def _kkt_matrix(g_hat, c_hat, support, ridge):
+    """The KKT matrix ``[[Ĝ_SS, ĉ_S], [ĉ_Sᵀ, 0]]`` of the subproblem on the support S.
 
-    ``min x_Sᵀ G_SS x_S  s.t.  Σ_{S ∩ P} x_i = 1`` via its KKT system
-    ``[G_SS c_S; c_Sᵀ 0] [x_S; −μ] = [0; 1]``, Jacobi-scaled by ``d = diag(G)^{-1/2}`` and
-    padded with identity rows outside S so the shape stays (K+1, K+1) under jit/vmap.
-    Returns ``(x, μ)`` with ``x = 0`` outside S; ``μ = xᵀGx`` is the optimal value.
+    ``min xᵀĜx  s.t.  ĉᵀx = 1, x_i = 0 off S`` (Jacobi-scaled). Rows and columns outside
+    S are those of the identity, so the shape stays (K+1, K+1) under jit/vmap; its solution
+    for the right-hand side ``e_K`` is ``[x; −μ]`` with ``μ = xᵀĜx``.
     """
-    k = gram.shape[0]
-    dtype = gram.dtype
-    c = jnp.where(support, primary.astype(dtype) * d, 0.0)
     both = support[:, None] & support[None, :]
-    g = jnp.where(both, gram * d[:, None] * d[None, :], 0.0)
-    g = g + jnp.diag(jnp.where(support, ridge, 1.0))
-    kkt = jnp.block([[g, c[:, None]], [c[None, :], jnp.zeros((1, 1), dtype)]])
-    rhs = jnp.zeros(k + 1, dtype).at[k].set(1.0)
-    sol = jnp.linalg.solve(kkt, rhs)
-    return jnp.where(support, sol[:k] * d, 0.0), -sol[k]
+    g = jnp.where(both, g_hat, 0.0) + jnp.diag(jnp.where(support, ridge, 1.0))
+    c = jnp.where(support, c_hat, 0.0)
+    return jnp.block([[g, c[:, None]], [c[None, :], jnp.zeros((1, 1), g.dtype)]])
+
+
+def _kkt_row(g_hat, c_hat, support, j, ridge):
+    """Row ``j`` of :func:`_kkt_matrix` without building the matrix."""
+    k = g_hat.shape[0]
+    active = jnp.concatenate([jnp.where(support, g_hat[j], 0.0), c_hat[j][None]])
+    active = active.at[j].add(ridge)
+    return jnp.where(support[j], active, jax.nn.one_hot(j, k + 1, dtype=g_hat.dtype))
+
+
+def _toggle_inverse(inverse, g_hat, c_hat, support, j, ridge):
+    """Inverse KKT matrix after task ``j`` enters or leaves the support: O(K²).
+
+    Toggling j changes row and column j by ``r``, a symmetric rank-2 change
+    ``U C Uᵀ`` with ``U = [e_j, r]``, ``C = [[−r_j, 1], [1, 0]]``; Woodbury's identity
+    updates the inverse with one 2 x 2 solve.
+    """
+    new_support = support.at[j].set(~support[j])
+    r = _kkt_row(g_hat, c_hat, new_support, j, ridge) - _kkt_row(g_hat, c_hat, support, j, ridge)
+    h_e, h_r = inverse[:, j], inverse @ r  # H U, column by column (H is symmetric)
+    # S = C⁻¹ + Uᵀ H U with C⁻¹ = [[0, 1], [1, r_j]]; inverted in closed form.
+    s00, s01, s11 = h_e[j], 1.0 + r @ h_e, r[j] + r @ h_r
+    det = s00 * s11 - s01 * s01
+    a, b, e = s11 / det, -s01 / det, s00 / det
+    left, right = a * h_e + b * h_r, b * h_e + e * h_r
+    return inverse - left[:, None] * h_e[None, :] - right[:, None] * h_r[None, :]
 
 
 def min_norm_weights(
@@ -93,10 +112,14 @@ def min_norm_weights(
     keep a support S and the exact minimiser on it (a KKT solve); free the task with the most
     negative reduced gradient ``(Gx)_j − μ c_j`` while one is below ``−tol``; when a solve
     leaves the non-negative orthant, step back to its boundary and drop the blocking task.
-    Finite termination, exact up to the linear solves, which are Jacobi-scaled so that
-    gradients whose norms differ by 10³ lose no precision. ``init_support`` (e.g. the last
-    step's support, kept in a weighting's state) warm-starts it: a wrong guess costs
-    iterations, never correctness. ``max_iters`` defaults to ``3K + 10``.
+    Finite termination. The linear systems are Jacobi-scaled so that gradients whose norms
+    differ by 10³ lose no precision. Two phases: the first updates the inverse KKT matrix
+    with O(K²) rank-2 updates as tasks enter and leave; the second re-solves from scratch
+    on the support found and continues until the KKT conditions hold with exact solves, so
+    the result is exact up to one linear solve whatever rounding the updates accumulated.
+    ``init_support`` (e.g. the last step's support, kept in a weighting's state)
+    warm-starts it: a wrong guess costs iterations, never correctness. ``max_iters``
+    (per phase) defaults to ``3K + 10``.
 
     Checked against scipy SLSQP and ``scipy.optimize.nnls`` (float64) and the KKT
     conditions in ``tests/test_solvers.py``.
@@ -105,7 +128,6 @@ def min_norm_weights(
     chex.assert_shape(primary, (k,))
     dtype = _compute_dtype(gram)
     gram = gram.astype(dtype)
-    primary = primary.astype(bool)
     diag = jnp.diagonal(gram)
     scale = jnp.max(jnp.abs(diag))
     scale = jnp.where(scale > 0, scale, 1.0)  # all-zero gradients: any feasible x is optimal
@@ -115,9 +137,13 @@ def min_norm_weights(
         jax.lax.rsqrt(jnp.maximum(diag, jnp.finfo(dtype).tiny)),
         1.0 / jnp.sqrt(scale),
     )
+    g_hat = gram * d[:, None] * d[None, :]
+    c = primary.astype(dtype)
+    c_hat = c * d
     ridge = jnp.asarray(_RIDGE, dtype)
     norms = jnp.sqrt(jnp.maximum(diag, 0.0))
     max_iters = 3 * k + 10 if max_iters is None else max_iters
+    rhs = jax.nn.one_hot(k, k + 1, dtype=dtype)
 
     # Feasible start: the primary task with the smallest gradient norm, alone.
     first = jnp.argmin(jnp.where(primary, diag, jnp.inf))
@@ -125,34 +151,74 @@ def min_norm_weights(
     support0 = start > 0
     if init_support is not None:
         support0 = support0 | init_support.astype(bool)
-    c = primary.astype(dtype)
 
-    def cond(carry):
-        _, _, done, it = carry
-        return (~done) & (it < max_iters)
-
-    def body(carry):
-        x, support, _, it = carry
-        z, mu = _solve_on_support(gram, primary, support, d, ridge)
+    def step(x, support, sol):
+        """One active-set move from the subproblem solution ``sol = [x̂; −μ]``."""
+        z = jnp.where(support, sol[:k] * d, 0.0)
+        mu = -sol[k]
         feasible = jnp.all(jnp.where(support, z > 0, True))
         # Feasible: accept z, free the task with the most negative reduced gradient (or stop).
         reduced = jnp.where(support, jnp.inf, gram @ z - mu * c)
         j = jnp.argmin(reduced)
         # Relative test: |⟨g_j, u⟩| ≤ ‖g_j‖ Σ_i z_i ‖g_i‖, the scale of the rounding error.
         optimal = reduced[j] >= -_KKT_TOL * norms[j] * (norms @ z)
-        support_f = support.at[j].set(support[j] | ~optimal)
-        # Infeasible: move from x toward z until the first weight hits zero, drop it.
+        # Infeasible: move from x toward z until the first weight hits zero, drop that task.
         blocked = support & (z <= 0)
         ratios = jnp.where(blocked, x / jnp.maximum(x - z, jnp.finfo(dtype).tiny), jnp.inf)
         i = jnp.argmin(ratios)
-        x_i = jnp.maximum(x + jnp.clip(ratios[i], 0.0, 1.0) * (z - x), 0.0)
-        support_i = support & (x_i > 0) & (jnp.arange(k) != i)
-        x = jnp.where(feasible, z, jnp.where(support_i, x_i, 0.0))
-        support = jnp.where(feasible, support_f, support_i)
-        return x, support, feasible & optimal, it + 1
+        x_i = jnp.maximum(x + jnp.clip(ratios[i], 0.0, 1.0) * (z - x), 0.0).at[i].set(0.0)
+        toggle = jnp.where(feasible, j, i)
+        moves = ~(feasible & optimal)
+        new_support = support.at[toggle].set(support[toggle] ^ moves)
+        x = jnp.where(feasible, z, jnp.where(new_support, x_i, 0.0))
+        return x, new_support, ~moves, toggle
 
-    carry = (start, support0, jnp.array(False), jnp.array(0))
-    x, *_ = jax.lax.while_loop(cond, body, carry)
+    def cond(carry):
+        return (~carry[2]) & (carry[3] < max_iters)
+
+    # Phase 1: inverse KKT matrix kept up to date by rank-2 updates.
+    def fast_body(carry):
+        x, support, _, it, inverse = carry
+        x, new_support, done, toggle = step(x, support, inverse @ rhs)
+        inverse = jnp.where(
+            done, inverse, _toggle_inverse(inverse, g_hat, c_hat, support, toggle, ridge)
+        )
+        broken = ~jnp.all(jnp.isfinite(inverse))
+        return x, new_support, done | broken, it + 1, inverse
+
+    def exact_step(x, support):
+        sol = jnp.linalg.solve(_kkt_matrix(g_hat, c_hat, support, ridge), rhs)
+        return step(x, support, sol)[:3]
+
+    # Phase 0: with a warm start, one exact solve on the guessed support may already be
+    # optimal (the usual case from one training step to the next).
+    done = jnp.array(False)
+    if init_support is not None:
+        x, support, done = exact_step(start, support0)
+        x = jnp.where(done, x, start)
+        support = jnp.where(done, support, start > 0)
+    else:
+        x, support = start, support0
+    # The inverse KKT matrix of the start support {first}: identity, except the block
+    # [[a, c], [c, 0]]⁻¹ = [[0, 1/c], [1/c, −a/c²]] on the rows (first, K).
+    a, c_f = g_hat[first, first] + ridge, c_hat[first]
+    idx = jnp.array([first, k])
+    inverse0 = jnp.eye(k + 1, dtype=dtype).at[first, first].set(0.0)
+    inverse0 = inverse0.at[idx[:, None], idx[None, :]].set(
+        jnp.array([[0.0, 1.0 / c_f], [1.0 / c_f, -a / c_f**2]])
+    )
+    carry = (x, support, done, jnp.array(0), inverse0)
+    x, support, *_ = jax.lax.while_loop(cond, fast_body, carry)
+    finite = jnp.all(jnp.isfinite(x))
+    x, support = jnp.where(finite, x, start), jnp.where(finite, support, start > 0)
+
+    # Phase 2: exact solves from the support found (usually a single solve confirms it).
+    def exact_body(carry):
+        x, support, _, it = carry
+        return (*exact_step(x, support), it + 1)
+
+    carry = (x, support, done, jnp.array(0))
+    x, *_ = jax.lax.while_loop(cond, exact_body, carry)
     return x
 
 
