@@ -127,7 +127,23 @@ def _flat_nce(scores, positives, where):
     return lse_neg - jnp.sum(jnp.where(pos_mask, s, 0.0), axis=-1)
 
 
-def info_nce(scores, positives, *, where=None) -> jax.Array:
+def _move_axis(scores, positives, where, axis):
+    """Moves the candidate ``axis`` last (boolean positives and ``where`` follow it)."""
+    if axis in (-1, None):
+        return scores, positives, where
+    scores = jnp.asarray(scores)
+    if not -scores.ndim <= axis < scores.ndim:
+        raise ValueError(f"`axis`={axis} is out of range for `scores` of shape {scores.shape}.")
+    scores = jnp.moveaxis(scores, axis, -1)
+    positives = jnp.asarray(positives)
+    if positives.dtype == jnp.bool_ and positives.ndim == scores.ndim:
+        positives = jnp.moveaxis(positives, axis, -1)
+    if where is not None and jnp.ndim(where) == scores.ndim:
+        where = jnp.moveaxis(jnp.asarray(where), axis, -1)
+    return scores, positives, where
+
+
+def info_nce(scores, positives, *, where=None, axis: int = -1) -> jax.Array:
     r"""InfoNCE per row: ``logsumexp_i(s_i) − s_t`` over the unmasked entries.
 
     Args:
@@ -136,6 +152,8 @@ def info_nce(scores, positives, *, where=None) -> jax.Array:
       positives: integer indices ``(...)`` of the positive, or a boolean mask
         ``(..., N)`` with exactly one True per row (checked when concrete).
       where: optional boolean ``(..., N)``; False marks entries that do not exist.
+      axis: the candidate axis of ``scores`` (default last); boolean ``positives``
+        and ``where`` share it, integer ``positives`` have ``scores``' shape without it.
 
     Returns:
       ``(...)`` losses (>= 0) in the promoted dtype (>= float32).
@@ -143,10 +161,10 @@ def info_nce(scores, positives, *, where=None) -> jax.Array:
     Oracle: ``tests/losses/test_contrastive.py::test_values_match_numpy`` (float64
     SciPy ``logsumexp``, with ``where`` and ``−inf`` masks) and ``check_grads``.
     """
-    return _info_nce(*_validate(scores, positives, where))
+    return _info_nce(*_validate(*_move_axis(scores, positives, where, axis)))
 
 
-def flat_nce(scores, positives, *, where=None) -> jax.Array:
+def flat_nce(scores, positives, *, where=None, axis: int = -1) -> jax.Array:
     r"""FlatNCE per row: ``l = logsumexp_{i≠t}(s_i) − s_t = log ξ`` (may be negative).
 
     ``∇l`` equals the gradient of the paper's ``exp(l − sg(l))`` and equals
@@ -160,7 +178,7 @@ def flat_nce(scores, positives, *, where=None) -> jax.Array:
     vs ``exp(l − sg(l))`` and vs ``(1+ξ)/ξ · ∇InfoNCE``, and the float32-vs-float64
     precision test with the positive 30 above the negatives.
     """
-    return _flat_nce(*_validate(scores, positives, where))
+    return _flat_nce(*_validate(*_move_axis(scores, positives, where, axis)))
 
 
 def simclr_scores(z1, z2, *, temperature: float = 0.1, eps: float = 1e-12):

@@ -47,6 +47,18 @@ def test_values_match_numpy(data, fn, ref):
     np.testing.assert_allclose(fn(s_inf, t), ref(s, t, valid), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fn,ref", [(info_nce, _np_info_nce), (flat_nce, _np_flat_nce)])
+def test_axis_argument(data, fn, ref):
+    s, t, valid = data
+    expected = ref(s, t, valid)  # (3, 4), candidates on the last axis
+    st = np.moveaxis(s, -1, 1)  # (3, 7, 4)
+    out = fn(st, t, where=np.moveaxis(valid, -1, 1), axis=1)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    mask = np.moveaxis(np.arange(7) == t[..., None], -1, 1)
+    np.testing.assert_allclose(fn(st, mask, where=np.moveaxis(valid, -1, 1), axis=1), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_info_nce_is_log_one_plus_xi(data):
     s, t, _ = data
     s64 = s.astype(np.float64)
@@ -215,5 +227,7 @@ def test_bad_inputs_raise():
         simclr_scores(jnp.ones((2, 3)), jnp.ones((2, 3)), temperature=0.0)
     with pytest.raises(ValueError, match=r"`z2` must have shape \(2, 3\)"):
         simclr_scores(jnp.ones((2, 3)), jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match="`axis`=2 is out of range"):
+        info_nce(s, jnp.array([0, 1]), axis=2)
     # label range is not checked (and cannot be) under jit: no error, just runs
     jax.jit(info_nce)(s, jnp.array([0, 1]))
