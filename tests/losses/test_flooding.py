@@ -27,11 +27,13 @@ W = RNG.normal(size=(4, 3))
 
 
 def quadratic(theta):
-    return 0.5 * theta @ (jnp.asarray(A) @ theta) - jnp.asarray(B) @ theta
+    a, b = jnp.asarray(A, theta.dtype), jnp.asarray(B, theta.dtype)
+    return 0.5 * theta @ (a @ theta) - b @ theta
 
 
 def nonquadratic(theta):
-    return jnp.sum(jnp.log(jnp.cosh(jnp.asarray(W) @ theta))) + 0.25 * jnp.sum(theta**4)
+    w = jnp.asarray(W, theta.dtype)
+    return jnp.sum(jnp.log(jnp.cosh(w @ theta))) + 0.25 * jnp.sum(theta**4)
 
 
 def test_flood_and_iflood():
