@@ -5,7 +5,8 @@ stacked, one (K, 512, 10) weight), batch 256 of random inputs and labels, Adam(1
 For each K, every step below is one jitted call (gradients, weights, Adam update,
 ``apply_updates``) waited for with ``block_until_ready``; the table gives the median over
 ``--steps`` calls after two warm-up calls and its ratio to the plain step measured in the
-same run:
+same run. The calls are interleaved (each round calls every step once), so a change in
+machine load hits all of them alike:
 
 * ``plain`` -- ``jax.grad`` of the summed task losses (what one would write without this
   library);
@@ -139,23 +140,35 @@ def make_steps(
 
 def median_seconds(call: Callable[[], Any], *, calls: int, warmup: int = 2) -> float:
     """Median wall seconds of ``call()`` (which must wait for its result) after warm-up."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return interleaved_medians({"call": call}, calls=calls, warmup=warmup)["call"]
 
 
-def time_jax_step(step: Callable, state, batch, *, calls: int) -> float:
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, calls: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall seconds of each zero-argument function (which waits for its result).
+
+    After ``warmup`` rounds (compilation), ``calls`` rounds call every function once in
+    turn, so a change in machine load hits all of them alike and the ratios stay fair.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + calls):
+        for name, call in fns.items():
+            start = time.perf_counter()
+            call()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def jax_call(step: Callable, state, batch) -> Callable[[], None]:
+    """Zero-argument call running one jitted step on carried state, waiting for it."""
     box = [state]
 
     def call():
         box[0] = jax.block_until_ready(step(box[0], batch))
 
-    return median_seconds(call, calls=calls)
+    return call
 
 
 # --------------------------------------------------------------------------- torchjd
@@ -168,10 +181,10 @@ def torch_available() -> bool:
     return True
 
 
-def time_torch(
-    num_tasks: int, sizes: Sequence[int], x: np.ndarray, y: np.ndarray, *, lr: float, calls: int
-) -> dict[str, float]:
-    """Seconds per step of the same model in PyTorch: plain summed loss and torchjd MGDA."""
+def torch_calls(
+    num_tasks: int, sizes: Sequence[int], x: np.ndarray, y: np.ndarray, *, lr: float
+) -> dict[str, Callable[[], None]]:
+    """One-step calls of the same model in PyTorch: plain summed loss and torchjd MGDA."""
     import torch
     from torch import nn
     from torchjd.aggregation import MGDA
@@ -186,8 +199,6 @@ def time_torch(
     head_list = nn.ModuleList([nn.Linear(sizes[-1], 10) for _ in range(num_tasks)])
     xt = torch.from_numpy(np.array(x, np.float32))
     yt = torch.from_numpy(np.array(y, np.int64))
-    out: dict[str, float] = {}
-
     def losses_and_features():
         z = trunk(xt)
         losses = [
@@ -197,17 +208,13 @@ def time_torch(
 
     params = list(trunk.parameters()) + list(head_list.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
+    aggregator = MGDA()
 
     def plain():
         losses, _ = losses_and_features()
         torch.stack(losses).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-
-    out["plain"] = median_seconds(plain, calls=calls)
-
-    optimizer = torch.optim.Adam(params, lr=lr)
-    aggregator = MGDA()
 
     def torchjd_mgda():
         losses, z = losses_and_features()
@@ -216,8 +223,7 @@ def time_torch(
         optimizer.step()
         optimizer.zero_grad()
 
-    out["mgda"] = median_seconds(torchjd_mgda, calls=calls)
-    return out
+    return {"torch plain": plain, "torchjd MGDA": torchjd_mgda}
 
 
 def _num_cores() -> int:
@@ -298,16 +304,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         x = jax.random.uniform(key_x, (args.batch_size, 784))
         y = jax.random.randint(key_y, (args.batch_size, num_tasks), 0, 10)
         params = init_params(key_p, num_tasks, sizes)
-        row = {}
-        for name, (step, state) in make_steps(num_tasks, params, 1e-3, strategies).items():
-            row[name] = time_jax_step(step, state, (x, y), calls=args.steps)
-            print(f"K={num_tasks:>3} {name:<24} {1e3 * row[name]:9.2f} ms", flush=True)
+        calls = {
+            name: jax_call(step, state, (x, y))
+            for name, (step, state) in make_steps(num_tasks, params, 1e-3, strategies).items()
+        }
         if use_torch:
-            torch_times = time_torch(
-                num_tasks, sizes, np.asarray(x), np.asarray(y), lr=1e-3, calls=args.steps
-            )
-            row["torch plain"], row["torchjd MGDA"] = torch_times["plain"], torch_times["mgda"]
-            print(f"K={num_tasks:>3} torchjd MGDA {1e3 * row['torchjd MGDA']:9.2f} ms", flush=True)
+            calls.update(torch_calls(num_tasks, sizes, np.asarray(x), np.asarray(y), lr=1e-3))
+        row = interleaved_medians(calls, calls=args.steps)
+        for name, seconds in row.items():
+            print(f"K={num_tasks:>3} {name:<24} {1e3 * seconds:9.2f} ms", flush=True)
         rows[num_tasks] = row
 
     headers = ["K", *names, "fastest tier-3 strategy"]
@@ -344,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = (
         "# Step time per tier (CPU)\n\n"
         f"Trunk {' → '.join(map(str, sizes))} (ReLU), K linear 10-way heads, batch "
-        f"{args.batch_size}, Adam. Median of {args.steps} jitted steps after 2 warm-up calls "
-        f"(ms; in parentheses the ratio to the plain step of the same run; for torchjd, the "
+        f"{args.batch_size}, Adam. Median of {args.steps} jitted steps after 2 warm-up "
+        "calls, interleaved across methods (ms; in parentheses the ratio to the plain step "
+        "of the same run; for torchjd, the "
         f"ratio to our tier-3 MGDA with strategy {DEFAULT_STRATEGY!r}). chunked: chunk size "
         f"ceil(K/4), at least 2. JAX {jax.__version__} on {jax.default_backend()}, "
         f"{_num_cores()} cores. {torch_note} Wall time {seconds:.0f} s.\n\n"
