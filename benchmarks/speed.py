@@ -5,8 +5,9 @@ stacked, one (K, 512, 10) weight), batch 256 of random inputs and labels, Adam(1
 For each K, every step below is one jitted call (gradients, weights, Adam update,
 ``apply_updates``) waited for with ``block_until_ready``; the table gives the median over
 ``--steps`` calls after two warm-up calls and its ratio to the plain step measured in the
-same run. The calls are interleaved (each round calls every step once), so a change in
-machine load hits all of them alike:
+same run. The JAX calls are interleaved (each round calls every step once), so a change
+in machine load hits all of them alike; the two PyTorch steps are interleaved with each
+other in separate rounds (idle PyTorch threads would slow the JAX calls):
 
 * ``plain`` -- ``jax.grad`` of the summed task losses (what one would write without this
   library);
@@ -308,9 +309,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             name: jax_call(step, state, (x, y))
             for name, (step, state) in make_steps(num_tasks, params, 1e-3, strategies).items()
         }
-        if use_torch:
-            calls.update(torch_calls(num_tasks, sizes, np.asarray(x), np.asarray(y), lr=1e-3))
         row = interleaved_medians(calls, calls=args.steps)
+        if use_torch:  # separate rounds: idle torch threads must not slow the JAX calls
+            torch_fns = torch_calls(num_tasks, sizes, np.asarray(x), np.asarray(y), lr=1e-3)
+            row.update(interleaved_medians(torch_fns, calls=args.steps))
         for name, seconds in row.items():
             print(f"K={num_tasks:>3} {name:<24} {1e3 * seconds:9.2f} ms", flush=True)
         rows[num_tasks] = row
