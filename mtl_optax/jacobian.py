@@ -9,7 +9,10 @@ residuals (one ``jax.vjp``, then K cotangents ``e_i``):
 * ``"vmap"``: the K cotangents batched through one vectorised backward pass (fast on
   accelerators, memory grows with K);
 * ``"map"``: one backward pass after another (``lax.map``; lowest memory);
-* ``"chunked"``: ``chunk_size`` cotangents at a time (``lax.map`` with ``batch_size``).
+* ``"chunked"``: ``chunk_size`` cotangents at a time (``lax.map`` with ``batch_size``);
+* ``"auto"`` (default): ``"map"`` on CPU, ``"vmap"`` on accelerators, decided at trace
+  time from ``jax.default_backend()``. On 2 CPU cores ``"map"`` was the fastest strategy
+  for K = 2, 10 and 40 (``benchmarks/results/speed_cpu.md``).
 
 Checked in ``tests/test_jacobian.py``: every strategy equals ``jax.jacrev`` and the
 per-task ``jax.grad``.
@@ -22,13 +25,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("vmap", "map", "chunked")
+STRATEGIES = ("auto", "vmap", "map", "chunked")
 
 
 def value_and_jacobian(
     task_losses_fn: Callable,
     *,
-    strategy: str = "vmap",
+    strategy: str = "auto",
     chunk_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable:
@@ -37,7 +40,7 @@ def value_and_jacobian(
     Args:
       task_losses_fn: returns the K task losses as a 1-D array (or ``(losses, aux)`` with
         ``has_aux=True``); differentiated with respect to its first argument.
-      strategy: ``"vmap"``, ``"map"`` or ``"chunked"`` (see the module docstring).
+      strategy: ``"auto"``, ``"vmap"``, ``"map"`` or ``"chunked"`` (module docstring).
       chunk_size: cotangents per batch for ``"chunked"`` (required there).
       has_aux: whether ``task_losses_fn`` returns ``(losses, aux)``.
 
@@ -75,7 +78,10 @@ def value_and_jacobian(
         def one_task(cotangent):
             return vjp(cotangent)[0]
 
-        if strategy == "vmap":
+        chosen = strategy
+        if chosen == "auto":
+            chosen = "map" if jax.default_backend() == "cpu" else "vmap"
+        if chosen == "vmap":
             grads = jax.vmap(one_task)(cotangents)
         else:
             grads = jax.lax.map(one_task, cotangents, batch_size=chunk_size)

@@ -9,7 +9,9 @@ import mtl_optax as mtl
 from tests import models
 
 
-@pytest.mark.parametrize("strategy,chunk", [("vmap", None), ("map", None), ("chunked", 2)])
+@pytest.mark.parametrize(
+    "strategy,chunk", [("auto", None), ("vmap", None), ("map", None), ("chunked", 2)]
+)
 def test_strategies_match_jacrev_and_grad(strategy, chunk):
     params = models.init_params(jax.random.PRNGKey(0))
     batch = models.make_batch(jax.random.PRNGKey(1))
