@@ -117,7 +117,7 @@ def task_losses(params, batch) -> jax.Array:
 
 # --------------------------------------------------------------------------- methods
 def make_step(
-    method: str, params, data: Data, *, batch_size: int, lr: float, strategy: str = "vmap"
+    method: str, params, data: Data, *, batch_size: int, lr: float, strategy: str = "auto"
 ) -> tuple[Callable, Callable]:
     """Pure ``step(state, key) -> (state, metrics)`` of ``method`` and ``init(params) -> state``.
 
@@ -213,11 +213,12 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--test-pairs", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=5, help="steps per seed left out of ms/step")
     parser.add_argument(
-        "--warmup", type=int, default=5, help="steps per seed left out of ms/step"
-    )
-    parser.add_argument(
-        "--strategy", default="vmap", choices=("vmap", "map"), help="tier-3 Jacobian strategy"
+        "--strategy",
+        default="auto",
+        choices=mtl.jacobian.STRATEGIES[:3],
+        help="tier-3 Jacobian strategy",
     )
     parser.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD"
@@ -293,9 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = (
         common.header("MultiMNIST (left digit, right digit)", args, seconds, extra)
         + "\nTest accuracy (%), mean ± std over seeds; ms/step: median jitted training step "
-        "after warm-up.\n\n"
-        + table
-        + "\n"
+        "after warm-up.\n\n" + table + "\n"
     )
     print(table)
     for path in common.write_results(args.out, "multimnist", text):
