@@ -57,8 +57,12 @@ def _check_priors(class_priors, num_classes=None):
     class_priors = C.float_array("class_priors", class_priors)
     C.check_rank("class_priors", class_priors, 1)
     if num_classes is not None:
-        C.check_shape("class_priors", class_priors, (num_classes,),
-                      hint=f"(one prior per class; logits have {num_classes} classes.)")
+        C.check_shape(
+            "class_priors",
+            class_priors,
+            (num_classes,),
+            hint=f"(one prior per class; logits have {num_classes} classes.)",
+        )
     C.check_positive("class_priors", class_priors)
     return class_priors
 
@@ -67,8 +71,12 @@ def _check_counts(class_counts, num_classes=None):
     class_counts = jnp.asarray(class_counts)
     C.check_rank("class_counts", class_counts, 1)
     if num_classes is not None:
-        C.check_shape("class_counts", class_counts, (num_classes,),
-                      hint=f"(one count per class; logits have {num_classes} classes.)")
+        C.check_shape(
+            "class_counts",
+            class_counts,
+            (num_classes,),
+            hint=f"(one count per class; logits have {num_classes} classes.)",
+        )
     C.check_positive("class_counts", class_counts, allow_zero=True)
     return class_counts
 
@@ -171,8 +179,10 @@ def _f1_bce_impl(logits, labels, where, axes, eps):
     num = 2.0 * jnp.sum(mask * y * p, axis=axes, keepdims=True)
     den = jnp.sum(mask * (y + p), axis=axes, keepdims=True)
     f1 = jax.lax.stop_gradient(num / jnp.maximum(den, eps))
-    loss = -(y * (1.0 - f1 / 2.0) * jax.nn.log_sigmoid(x)
-             + (1.0 - y) * (f1 / 2.0) * jax.nn.log_sigmoid(-x))
+    loss = -(
+        y * (1.0 - f1 / 2.0) * jax.nn.log_sigmoid(x)
+        + (1.0 - y) * (f1 / 2.0) * jax.nn.log_sigmoid(-x)
+    )
     return jnp.where(mask > 0, loss, 0.0)
 
 
@@ -243,8 +253,9 @@ def _ldam(logits, labels, counts, max_margin, scale):
     n = counts.astype(logits.dtype)
     present = n > 0
     n_min = jnp.min(jnp.where(present, n, jnp.inf))
-    margins = jnp.where(present, max_margin * (n_min / jnp.where(present, n, 1.0)) ** 0.25,
-                        max_margin)
+    margins = jnp.where(
+        present, max_margin * (n_min / jnp.where(present, n, 1.0)) ** 0.25, max_margin
+    )
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     return C.cross_entropy_from_logits(scale * (logits - margins * onehot), labels)
 
