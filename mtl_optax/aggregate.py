@@ -54,6 +54,11 @@ def check_task_axis(task_grads, num_tasks: int, params=None) -> None:
         raise ValueError("aggregate got an empty pytree of task gradients.")
     for name, leaf in zip(names, leaves):
         shape = jnp.shape(leaf)
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise ValueError(
+                f"Task-gradient leaf {name} has dtype {jnp.result_type(leaf)}; gradients must be "
+                "floating point (keep integer state out of the differentiated params)."
+            )
         if not shape or shape[0] != num_tasks:
             raise ValueError(
                 f"Task-gradient leaf {name} has shape {shape}; every leaf needs a leading "
@@ -75,7 +80,10 @@ def check_task_axis(task_grads, num_tasks: int, params=None) -> None:
 
 
 def resolve_mask(shared, tree, *, name: str = "shared") -> list[bool]:
-    """Flatten a mask (None = all True, a pytree of bools, or a callable of the tree)."""
+    """Flatten a mask (None = all True, a pytree of bools, or a callable of the tree).
+
+    ``tree`` has the shapes of the params (a callable mask may look at them).
+    """
     _, leaves, treedef = _leaves_with_names(tree)
     if shared is None:
         return [True] * len(leaves)
@@ -91,17 +99,24 @@ def resolve_mask(shared, tree, *, name: str = "shared") -> list[bool]:
     return mask_leaves
 
 
-def task_gram(task_grads, mask: list[bool] | None = None) -> jax.Array:
-    """``G = Σ_leaves J_l J_lᵀ`` over the (masked) leaves, in float32 or wider."""
+def task_gram(task_grads, mask: list[bool] | None = None, *, diagonal_only: bool = False):
+    """``G = Σ_leaves J_l J_lᵀ`` over the (masked) leaves, in float32 or wider.
+
+    With ``diagonal_only`` only the squared norms are computed, returned as ``diag(G)``
+    in a (K, K) matrix (for weightings with ``needs_gram="diagonal"``).
+    """
     leaves = jax.tree_util.tree_leaves(task_grads)
     k = jnp.shape(leaves[0])[0]
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-    gram = jnp.zeros((k, k), dtype)
+    gram = jnp.zeros((k,) if diagonal_only else (k, k), dtype)
     for use, leaf in zip(mask or [True] * len(leaves), leaves):
         if use:
             flat = leaf.reshape(k, -1).astype(dtype)
-            gram = gram + jnp.matmul(flat, flat.T, precision=_HIGHEST)
-    return gram
+            if diagonal_only:
+                gram = gram + jnp.sum(flat * flat, axis=1)
+            else:
+                gram = gram + jnp.matmul(flat, flat.T, precision=_HIGHEST)
+    return jnp.diag(gram) if diagonal_only else gram
 
 
 def aggregate(
@@ -117,7 +132,8 @@ def aggregate(
       num_tasks: K, the size of the leading task axis (fixes the state's shapes).
       shared: which leaves are shared between tasks: ``None`` (all), a pytree of Python
         bools with the structure of ``params``, or a callable ``params -> mask`` (as in
-        ``optax.masked``). Non-shared leaves are summed over the task axis.
+        ``optax.masked``; without ``params`` in ``update`` it gets shape/dtype stand-ins
+        with the task axis removed). Non-shared leaves are summed over the task axis.
 
     Extra arguments of ``update``: ``task_losses`` ((K,), required by weightings with
     ``needs_losses``); others are passed to the weighting, which ignores unknown ones.
@@ -132,8 +148,14 @@ def aggregate(
 
     def update(task_grads, state, params=None, *, task_losses=None, **extra):
         check_task_axis(task_grads, num_tasks, params)
-        mask = resolve_mask(shared, params if params is not None else task_grads)
-        gram = task_gram(task_grads, mask)
+        if params is None:  # what a callable mask sees: the param shapes, no task axis
+            params_like = jax.tree_util.tree_map(
+                lambda g: jax.ShapeDtypeStruct(g.shape[1:], g.dtype), task_grads
+            )
+        else:
+            params_like = params
+        mask = resolve_mask(shared, params_like)
+        gram = task_gram(task_grads, mask, diagonal_only=weighting.needs_gram == "diagonal")
         weights, weighting_state = weighting.update(
             gram, task_losses, state.weighting_state, **extra
         )

@@ -59,6 +59,8 @@ def value_and_jacobian(
         raise ValueError(
             f"strategy='chunked' needs a positive int `chunk_size`, got {chunk_size!r}."
         )
+    if strategy != "chunked" and chunk_size is not None:
+        raise ValueError(f"`chunk_size` is only used by strategy='chunked', not {strategy!r}.")
 
     def wrapped(params, *args, **kwargs):
         def losses_only(p):
@@ -84,7 +86,7 @@ def value_and_jacobian(
         if chosen == "vmap":
             grads = jax.vmap(one_task)(cotangents)
         else:
-            grads = jax.lax.map(one_task, cotangents, batch_size=chunk_size)
+            grads = jax.lax.map(one_task, cotangents, batch_size=chunk_size)  # None: one by one
         return ((losses, aux) if has_aux else losses), grads
 
     return wrapped

@@ -11,32 +11,34 @@ One solver serves all three problems of DESIGN.md 3.2-3.3:
 * several primaries and auxiliaries: ``min_{α ∈ simplex, λ ≥ 0} ‖Σ α_i g_i + Σ λ_j g_j‖²``.
 
 They are one problem, ``min ‖Σ_i x_i g_i‖²`` with ``x ≥ 0`` and ``Σ_{i ∈ P} x_i = 1`` over the
-primary set ``P`` (MGDA: every task is primary). It reduces to a non-negative least-squares
-problem by lifting each gradient by a constant ``s`` in one extra coordinate for primaries
-(``ĝ_i = (g_i, s·[i ∈ P])``) and measuring the distance from ``(0, s)`` to the cone of the
-lifted gradients: a cone point ``t·(u, s)`` with ``u`` feasible is at squared distance
-``t²‖u‖² + s²(t − 1)²``, minimised at ``t = s²/(s² + ‖u‖²)`` with value
-``s²‖u‖²/(s² + ‖u‖²)``, increasing in ``‖u‖²``. So the NNLS solution ``β`` gives the exact
-answer ``x = β / Σ_{i∈P} β_i`` (``Σ_P β = t > 0`` always; Wolfe 1976 uses the same lifting).
-In Gram form the NNLS is ``min_{β ≥ 0} βᵀQβ − 2 s² cᵀβ`` with ``Q = G + s² c cᵀ`` and
-``c`` the primary indicator. ``s² = trace(G)/K`` makes it scale invariant.
+primary set ``P`` (MGDA: every task is primary), solved exactly by a primal active-set
+method (:func:`min_norm_weights`): on a support ``S`` the equality-constrained subproblem is
+one KKT linear system, Jacobi-scaled by ``diag(G)^{-1/2}`` so that gradients whose norms
+differ by 10³ lose no precision; tasks enter and leave ``S`` one at a time (Lawson–Hanson
+scheme) until the KKT conditions hold. Tolerances follow the working precision (float32 at
+least; float64 Grams are solved in float64).
 
-The NNLS is solved by the Lawson–Hanson active-set method (finite termination, exact up to
-the linear solves), warm-started from a guess of the support; each linear solve is Jacobi
-preconditioned (gradients whose norms differ by 10³ are common) and done in float32 or
-wider. Frank–Wolfe (the original MGDA solver) is provided too, for reference and comparison.
+Non-finite Grams (a NaN or inf gradient) give NaN weights, so the update is non-finite
+too and ``optax.apply_if_finite`` can skip it. Frank–Wolfe (the original MGDA solver) is
+provided too, for reference and comparison.
 """
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 
-# Relative tolerance of the optimality test and the ridge that keeps the linear solves of
-# rank-deficient (e.g. duplicated) gradients finite; both relative to the diagonal scale.
+# In float32: relative tolerance of the optimality test (≈ 8 ulps) and the ridge that keeps
+# the Jacobi-scaled solves of rank-deficient (e.g. duplicated) gradients finite. Wider dtypes
+# scale both with their machine epsilon (the ridge quadratically).
 _KKT_TOL = 1e-6
 _RIDGE = 1e-10
+
+
+def _tolerances(dtype) -> tuple[float, float]:
+    """(optimality tolerance, ridge) for the working dtype."""
+    rel = float(jnp.finfo(dtype).eps / jnp.finfo(jnp.float32).eps)
+    return _KKT_TOL * rel, _RIDGE * rel**2
 
 
 def _compute_dtype(gram: jax.Array) -> jnp.dtype:
@@ -54,6 +56,14 @@ def check_gram(gram: jax.Array, name: str = "gram") -> int:
     if shape[0] == 0:
         raise ValueError(f"`{name}` must have at least one task, got shape {shape}.")
     return shape[0]
+
+
+def _check_vector(name: str, value, k: int) -> None:
+    """Trace-time check that a per-task vector has shape (K,)."""
+    if jnp.shape(value) != (k,):
+        raise ValueError(
+            f"`{name}` must have shape ({k},) (one entry per task), got {jnp.shape(value)}."
+        )
 
 
 def _kkt_matrix(g_hat, c_hat, support, ridge):
@@ -125,24 +135,31 @@ def min_norm_weights(
     conditions in ``tests/test_solvers.py``.
     """
     k = check_gram(gram)
-    chex.assert_shape(primary, (k,))
+    _check_vector("primary", primary, k)
+    if not isinstance(primary, jax.core.Tracer) and not bool(jnp.any(primary)):
+        raise ValueError("`primary` must mark at least one primary task (all False given).")
+    if init_support is not None:
+        _check_vector("init_support", init_support, k)
+    max_iters = 3 * k + 10 if max_iters is None else max_iters
+    if not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"`max_iters` must be a positive int, got {max_iters!r}.")
     dtype = _compute_dtype(gram)
+    kkt_tol, ridge_rel = _tolerances(dtype)
     gram = gram.astype(dtype)
     diag = jnp.diagonal(gram)
     scale = jnp.max(jnp.abs(diag))
     scale = jnp.where(scale > 0, scale, 1.0)  # all-zero gradients: any feasible x is optimal
     # Tasks with a zero gradient are scaled by 1 (their rows are zero apart from the ridge).
     d = jnp.where(
-        diag > _RIDGE * scale,
+        diag > ridge_rel * scale,
         jax.lax.rsqrt(jnp.maximum(diag, jnp.finfo(dtype).tiny)),
         1.0 / jnp.sqrt(scale),
     )
     g_hat = gram * d[:, None] * d[None, :]
     c = primary.astype(dtype)
     c_hat = c * d
-    ridge = jnp.asarray(_RIDGE, dtype)
+    ridge = jnp.asarray(ridge_rel, dtype)
     norms = jnp.sqrt(jnp.maximum(diag, 0.0))
-    max_iters = 3 * k + 10 if max_iters is None else max_iters
     rhs = jax.nn.one_hot(k, k + 1, dtype=dtype)
 
     # Feasible start: the primary task with the smallest gradient norm, alone.
@@ -161,7 +178,7 @@ def min_norm_weights(
         reduced = jnp.where(support, jnp.inf, gram @ z - mu * c)
         j = jnp.argmin(reduced)
         # Relative test: |⟨g_j, u⟩| ≤ ‖g_j‖ Σ_i z_i ‖g_i‖, the scale of the rounding error.
-        optimal = reduced[j] >= -_KKT_TOL * norms[j] * (norms @ z)
+        optimal = reduced[j] >= -kkt_tol * norms[j] * (norms @ z)
         # Infeasible: move from x toward z until the first weight hits zero, drop that task.
         blocked = support & (z <= 0)
         ratios = jnp.where(blocked, x / jnp.maximum(x - z, jnp.finfo(dtype).tiny), jnp.inf)
@@ -219,7 +236,7 @@ def min_norm_weights(
 
     carry = (x, support, done, jnp.array(0))
     x, *_ = jax.lax.while_loop(cond, exact_body, carry)
-    return x
+    return jnp.where(jnp.all(jnp.isfinite(gram)), x, jnp.nan)
 
 
 def frank_wolfe_simplex(
@@ -264,4 +281,4 @@ def frank_wolfe_simplex(
 
     alpha0 = jnp.full((k,), 1.0 / k, dtype)
     alpha, *_ = jax.lax.while_loop(cond, body, (alpha0, jnp.asarray(jnp.inf, dtype), 0))
-    return alpha
+    return jnp.where(jnp.all(jnp.isfinite(gram)), alpha, jnp.nan)

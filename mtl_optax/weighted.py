@@ -68,7 +68,7 @@ def weighted_value_and_grad(
         if weighting.needs_gram:
             eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
             feature_grads = jax.vmap(lambda e: heads_vjp(e)[1])(eye)
-            gram = task_gram(feature_grads)
+            gram = task_gram(feature_grads, diagonal_only=weighting.needs_gram == "diagonal")
         weights, weighting_state = weighting.update(gram, losses, weighting_state, **extra)
         head_grads, z_cotangent = heads_vjp(weights.astype(losses.dtype))
         (encoder_grads,) = encode_vjp(z_cotangent)

@@ -129,3 +129,34 @@ def test_errors_name_the_offending_leaf():
     with pytest.raises(ValueError, match="task losses"):
         needs = mtl.aggregate(mtl.mgda(normalization="loss"), num_tasks=models.K)
         needs.update(task_grads, needs.init(params), params)
+
+
+def test_diagonal_only_gram_gives_the_same_update():
+    """gradient_normalized reads diag(G) only; aggregate then skips the K² inner products."""
+    params, _, _, task_grads = setup()
+    assert mtl.gradient_normalized().needs_gram == "diagonal"
+    transform = mtl.aggregate(mtl.gradient_normalized(), num_tasks=models.K, shared=models.SHARED)
+    updates, state = transform.update(task_grads, transform.init(params), params)
+    _, flat = shared_gram(task_grads)
+    expected = 1.0 / np.linalg.norm(np.asarray(flat), axis=1)
+    np.testing.assert_allclose(state.weights, expected, rtol=1e-5)
+
+
+def test_callable_mask_without_params_sees_param_shapes():
+    """Without params the callable mask gets the leaves without their task axis."""
+    params, _, _, task_grads = setup()
+    by_rank = lambda p: jax.tree_util.tree_map(lambda a: len(a.shape) > 1, p)
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=by_rank)
+    with_params, _ = transform.update(task_grads, transform.init(params), params)
+    without, _ = transform.update(task_grads, transform.init(params))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, with_params, without)
+
+
+def test_integer_leaf_and_misplaced_chunk_size_are_named():
+    params, _, _, task_grads = setup()
+    bad = {**task_grads, "step": jnp.zeros((models.K,), jnp.int32)}
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K)
+    with pytest.raises(ValueError, match=r"\['step'\].*floating point"):
+        transform.update(bad, transform.init(None))
+    with pytest.raises(ValueError, match="only used by strategy='chunked'"):
+        mtl.value_and_jacobian(models.task_losses, strategy="map", chunk_size=2)

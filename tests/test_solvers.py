@@ -204,3 +204,37 @@ def test_degenerate_grams_are_finite():
 def test_non_square_gram_is_rejected(bad):
     with pytest.raises(ValueError, match="gram"):
         solve(bad, jnp.ones(bad.shape[0] if bad.ndim else 0, bool))
+
+
+def test_float64_grams_are_solved_to_float64_precision():
+    jac = random_jacobian(8, 30, seed=11, scale_spread=1e3)
+    oracle = nnls_min_norm(jac, np.ones(8, bool))
+    with jax.enable_x64(True):
+        x = np.asarray(mtl.min_norm_weights(jnp.asarray(jac @ jac.T), jnp.ones(8, bool)))
+    assert x.dtype == np.float64
+    u, u_star = x @ jac, oracle @ jac
+    assert np.linalg.norm(u - u_star) <= 1e-11 * np.linalg.norm(u_star)
+
+
+def test_non_finite_gram_gives_nan_weights():
+    """A NaN/inf gradient must not produce finite-looking weights (apply_if_finite skips it)."""
+    jac = random_jacobian(3, 6, seed=1)
+    gram = jac @ jac.T
+    for bad in (np.nan, np.inf):
+        g = gram.copy()
+        g[0, 1] = g[1, 0] = bad
+        g = jnp.asarray(g, jnp.float32)
+        assert bool(jnp.all(jnp.isnan(solve(g, jnp.array([True, False, True])))))
+        assert bool(jnp.all(jnp.isnan(mtl.frank_wolfe_simplex(g))))
+
+
+def test_argument_checks():
+    gram = jnp.eye(3)
+    with pytest.raises(ValueError, match="at least one primary"):
+        mtl.min_norm_weights(gram, jnp.zeros(3, bool))
+    with pytest.raises(ValueError, match=r"`init_support` must have shape \(3,\)"):
+        mtl.min_norm_weights(gram, jnp.ones(3, bool), init_support=jnp.ones(4, bool))
+    with pytest.raises(ValueError, match=r"`primary` must have shape \(3,\)"):
+        mtl.min_norm_weights(gram, jnp.ones(2, bool))
+    with pytest.raises(ValueError, match="max_iters"):
+        mtl.min_norm_weights(gram, jnp.ones(3, bool), max_iters=0)

@@ -163,3 +163,17 @@ def test_bad_inputs_raise_clear_errors():
         mtl.constant_weighting([1.0, 2.0]).init(3)
     with pytest.raises(ValueError, match="num_tasks"):
         mtl.mean_weighting().init(0)
+
+
+def test_state_for_another_task_count_and_numpy_primary_index():
+    w = mtl.mgda()
+    with pytest.raises(ValueError, match="initialised for 4 tasks.*has 3"):
+        w.update(jnp.eye(3), None, w.init(4))
+    weights = run(mtl.primary_auxiliary(primary=np.int64(1)), jnp.eye(2))
+    np.testing.assert_allclose(weights, [0.0, 1.0])
+
+
+def test_gradient_normalized_nan_on_non_finite_norm():
+    w = run(mtl.gradient_normalized(), jnp.diag(jnp.array([4.0, jnp.nan, 0.0])))
+    np.testing.assert_array_equal(np.isnan(w), [False, True, False])
+    np.testing.assert_allclose(w[0], 0.5)

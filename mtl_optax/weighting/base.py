@@ -10,7 +10,11 @@ spirit of ``optax.GradientTransformation``:
   ``None`` when ``needs_gram`` is False, ``losses`` is (K,) or ``None`` when
   ``needs_losses`` is False; unknown ``extra`` keyword arguments are ignored.
 
-Weights are (K,) float32 and ``stop_gradient``-ed: no solver is differentiated through.
+``needs_gram="diagonal"`` says that only ``diag(G)`` (the squared gradient norms) is read:
+the tiers then pass ``diag(‖g_i‖²)`` as a diagonal matrix and skip the K² inner products.
+
+Weights are (K,) in float32 (float64 for float64 inputs) and ``stop_gradient``-ed: no solver
+is differentiated through.
 The same object runs in every tier: :func:`mtl_optax.aggregate` (stacked per-task
 gradients) or :func:`mtl_optax.weighted_value_and_grad` (losses only, or the Gram of
 gradients at a shared representation).
@@ -36,7 +40,7 @@ class Weighting(NamedTuple):
 
     init: Callable[[int], Any]
     update: Callable[..., tuple[jax.Array, Any]]
-    needs_gram: bool = True
+    needs_gram: bool | str = True  # True, False or "diagonal"
     needs_losses: bool = False
 
 
@@ -86,5 +90,5 @@ def check_inputs(
 
 
 def finish(weights: jax.Array) -> jax.Array:
-    """Weights leave a weighting as float32 and outside autodiff."""
-    return jax.lax.stop_gradient(weights.astype(jnp.float32))
+    """Weights leave a weighting in float32 (or wider) and outside autodiff."""
+    return jax.lax.stop_gradient(weights.astype(jnp.promote_types(weights.dtype, jnp.float32)))

@@ -15,13 +15,14 @@ Both solve ``min ‖Σ_i x_i g_i‖²`` over ``x ≥ 0`` with ``Σ_{i ∈ P} x_i
   combined on their simplex (the problem the source leaves open, solved exactly).
 
 The state keeps the last support of the weights to warm-start the next solve.
-All-zero gradients give ``u = 0`` (every feasible weight is optimal; the solver returns
-the primary with the smallest gradient norm). A task with a zero gradient makes
-``u = 0`` in MGDA (it is Pareto-stationary) and gets ``λ = 0`` as an auxiliary.
+All-zero gradients give ``u = 0`` (every feasible weight is optimal; which one is returned
+is unspecified). A task with a zero gradient makes ``u = 0`` in MGDA (it is
+Pareto-stationary) and gets ``λ = 0`` as an auxiliary. A non-finite Gram gives NaN weights.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -43,6 +44,14 @@ class MinNormState(NamedTuple):
 
 def _init(num_tasks: int) -> MinNormState:
     return MinNormState(support=jnp.zeros(check_num_tasks(num_tasks), bool))
+
+
+def _check_state(state: MinNormState, k: int) -> None:
+    if jnp.shape(state.support) != (k,):
+        raise ValueError(
+            f"The weighting state was initialised for {jnp.shape(state.support)[0]} tasks but "
+            f"the Gram matrix has {k}; call init({k})."
+        )
 
 
 def mgda(
@@ -86,6 +95,7 @@ def mgda(
     def update(gram, losses, state, **extra):
         del extra
         k, gram, losses = check_inputs(weighting, gram, losses)
+        _check_state(state, k)
         scale = jnp.ones(k, gram.dtype)
         if normalization in ("l2", "loss+"):
             scale = scale * jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
@@ -135,8 +145,14 @@ def primary_auxiliary(
         w = mtl.primary_auxiliary(primary=0)       # task 0 primary, tasks 1.. auxiliary
         weights, state = w.update(gram, None, w.init(3))   # weights[0] == 1
     """
-    indices = (primary,) if isinstance(primary, int) else tuple(primary)
-    if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+    try:  # any integer scalar (int, np.int64, a concrete 0-d array) or a sequence of them
+        indices = (operator.index(primary),)
+    except TypeError:
+        try:
+            indices = tuple(operator.index(i) for i in primary)
+        except TypeError:
+            indices = ()
+    if not indices or isinstance(primary, bool):
         raise ValueError(
             f"`primary` must be an int or a non-empty sequence of ints, got {primary!r}."
         )
@@ -154,6 +170,7 @@ def primary_auxiliary(
     def update(gram, losses, state, **extra):
         del extra
         k, gram, _ = check_inputs(weighting, gram, losses)
+        _check_state(state, k)
         x = solvers.min_norm_weights(gram, mask(k), init_support=state.support, max_iters=max_iters)
         return finish(x), MinNormState(support=x > 0)
 

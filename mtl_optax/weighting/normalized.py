@@ -5,7 +5,8 @@ update is invariant to rescaling any task's loss (``L_i → c L_i``, ``c > 0``) 
 adding constants to the losses (translation), unlike loss-based weightings; it is what
 per-task gradient normalisation in GradNorm-style methods aims at, with no extra
 parameters. It is not non-conflicting in general. Tasks whose gradient norm is
-``≤ eps`` (default 1e-12) get weight 0 (their gradient carries no direction).
+``≤ eps`` (default 1e-12) get weight 0 (their gradient carries no direction); a non-finite
+norm gives a NaN weight (so the update is non-finite and ``apply_if_finite`` skips it).
 
 Checked in ``tests/test_weightings.py``: scale invariance of the update and
 ``‖w_i g_i‖ = 1`` for every non-zero task gradient.
@@ -41,7 +42,8 @@ def gradient_normalized(*, eps: float = 1e-12) -> Weighting:
         del extra
         _, gram, _ = check_inputs(weighting, gram, losses)
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-        return finish(jnp.where(norms > eps, 1.0 / jnp.maximum(norms, eps), 0.0)), state
+        weights = jnp.where(norms > eps, 1.0 / jnp.maximum(norms, eps), 0.0)
+        return finish(jnp.where(jnp.isfinite(norms), weights, jnp.nan)), state
 
-    weighting = Weighting(init, update, needs_gram=True)
+    weighting = Weighting(init, update, needs_gram="diagonal")
     return weighting
