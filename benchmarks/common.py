@@ -38,8 +38,9 @@ def base_parser(description: str, *, steps: int, seeds: int = 3) -> argparse.Arg
     parser.add_argument(
         "--out",
         type=str,
-        default=str(RESULTS_DIR),
-        help="folder for the markdown table and the PNG plot ('' writes nothing)",
+        default=None,
+        help="folder for the markdown table and the PNG plot ('' writes nothing; default "
+        "benchmarks/results, or nothing with --smoke so tiny runs never replace results)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny configuration that runs in seconds (tests)"
@@ -246,8 +247,14 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def write_results(out: str | Path | None, name: str, text: str, fig=None) -> list[Path]:
-    """Write ``text`` to ``out/name.md`` and ``fig`` to ``out/name.png``; nothing if no out."""
+def write_results(out: str | Path | None, name: str, text: str, fig=None, *, smoke=False):
+    """Write ``text`` to ``out/name.md`` and ``fig`` to ``out/name.png``.
+
+    ``out=None`` means ``benchmarks/results`` for a full run and nothing for a smoke run;
+    ``out=""`` writes nothing. Returns the paths written.
+    """
+    if out is None:
+        out = "" if smoke else RESULTS_DIR
     if not out:
         return []
     out = Path(out)
@@ -267,9 +274,7 @@ def figure(ncols: int = 1, *, nrows: int = 1, width: float = 5.0, height: float 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False
-    )
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
     return fig, axes.ravel()
 
 

@@ -187,7 +187,7 @@ def main(argv=None):
     ax.set_yscale("log")
     ax.set_title("SimCLR on MNIST")
     ax.legend(fontsize=8)
-    common.write_results(args.out, "contrastive", text, fig)
+    common.write_results(args.out, "contrastive", text, fig, smoke=args.smoke)
     return {"results": results, "curves": curves, "table": table}
 
 

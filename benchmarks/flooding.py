@@ -122,9 +122,14 @@ def main(argv=None):
     results: common.Results = {}
     curves: dict[tuple, list] = {}
     for method, level in configs:
-        row = "none (plain CE)" if method is None else (
-            f"{method}, c = {level:g}" if method == "gradient penalty"
-            else f"{method}, b = {level:g}"
+        row = (
+            "none (plain CE)"
+            if method is None
+            else (
+                f"{method}, c = {level:g}"
+                if method == "gradient penalty"
+                else f"{method}, b = {level:g}"
+            )
         )
         for seed in range(args.seeds):
             final, history = run_one(method, level, seed, data=data, test=test, args=args)
@@ -170,7 +175,7 @@ def main(argv=None):
             if key == "test_loss":
                 ax.set_title(method)
             ax.legend(fontsize=7)
-    common.write_results(args.out, "flooding", text, fig)
+    common.write_results(args.out, "flooding", text, fig, smoke=args.smoke)
     return {"results": results, "curves": curves, "table": table}
 
 

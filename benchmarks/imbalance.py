@@ -65,14 +65,17 @@ def make_loss(method: str, counts: jax.Array):
         return features @ params[-1]["w"] + params[-1]["b"]
 
     if method == "CE":
+
         def loss(params, x, y):
             return optax.losses.softmax_cross_entropy_with_integer_labels(logits_fn(params, x), y)
     elif method == "LA loss":
+
         def loss(params, x, y):
             return mtl.logit_adjusted_cross_entropy(
                 logits_fn(params, x), y, class_priors=priors, tau=1.0
             )
     elif method == "focal":
+
         def loss(params, x, y):
             return mtl.softmax_focal_loss(logits_fn(params, x), y, gamma=2.0)
     elif method == "CB CE":
@@ -82,6 +85,7 @@ def make_loss(method: str, counts: jax.Array):
             ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits_fn(params, x), y)
             return weights[y] * ce
     elif method == "LDAM":
+
         def loss(params, x, y):
             return mtl.ldam_loss(
                 logits_fn(params, x), y, class_counts=counts, max_margin=0.5, scale=30.0
@@ -180,14 +184,21 @@ def main(argv=None):
     classes = np.arange(common.NUM_CLASSES)
     for i, method in enumerate(METHODS):
         acc = np.array([results[method][f"class_{c}"] for c in classes]) * 100
-        ax.errorbar(classes + (i - 2.5) * 0.06, acc.mean(1), acc.std(1), marker="o", ms=3,
-                    capsize=2, label=method)
+        ax.errorbar(
+            classes + (i - 2.5) * 0.06,
+            acc.mean(1),
+            acc.std(1),
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=method,
+        )
     ax.set_xticks(classes, [f"{c}\n({n})" for c, n in zip(classes, counts_np, strict=True)])
     ax.set_xlabel("class (training examples)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Long-tailed MNIST, ratio 100")
     ax.legend(fontsize=7)
-    common.write_results(args.out, "imbalance", text, fig)
+    common.write_results(args.out, "imbalance", text, fig, smoke=args.smoke)
     return {"results": results, "histories": histories, "table": table}
 
 

@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "after warm-up.\n\n" + table + "\n"
     )
     print(table)
-    for path in common.write_results(args.out, "multimnist", text):
+    for path in common.write_results(args.out, "multimnist", text, smoke=args.smoke):
         print(f"wrote {path}")
     return {"table": table, "results": results, "ms_step": ms, "histories": histories}
 

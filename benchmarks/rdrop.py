@@ -28,8 +28,12 @@ import optax
 import mtl_optax as mtl
 from benchmarks import common
 
-SUPERVISED = {"CE": None, "CE, 2 passes (alpha=0)": 0.0, "R-Drop alpha=1": 1.0,
-              "R-Drop alpha=4": 4.0}
+SUPERVISED = {
+    "CE": None,
+    "CE, 2 passes (alpha=0)": 0.0,
+    "R-Drop alpha=1": 1.0,
+    "R-Drop alpha=4": 4.0,
+}
 SEMI = {"CE": None, "R-Drop alpha=4": 4.0, "R-Drop alpha=4 + unlabelled": 4.0}
 
 
@@ -125,9 +129,7 @@ def main(argv=None):
                 curves[setting].setdefault(name, []).append(history)
 
     columns = {"test_acc": ("test acc. (%)", 100, 2), "test_nll": ("test NLL", 1, 3)}
-    text = common.header(
-        "R-Drop on MNIST (MLP, dropout 0.3)", args, clock(), f"Adam lr {args.lr}"
-    )
+    text = common.header("R-Drop on MNIST (MLP, dropout 0.3)", args, clock(), f"Adam lr {args.lr}")
     for setting, res in results.items():
         text += f"\n**{setting}**\n\n" + common.markdown_table(res, columns) + "\n"
     print(text)
@@ -141,7 +143,7 @@ def main(argv=None):
         ax.set_ylabel("test NLL (mean over seeds)")
         ax.set_title(setting)
         ax.legend(fontsize=8)
-    common.write_results(args.out, "rdrop", text, fig)
+    common.write_results(args.out, "rdrop", text, fig, smoke=args.smoke)
     return {"results": results, "curves": curves, "text": text}
 
 

@@ -163,7 +163,9 @@ def main(argv=None):
     fig, axes = common.figure(2)
     pos = np.arange(len(METHODS))
     for ax, key, title in zip(
-        axes, ("recall_at_1", "map"), ("Recall@1, unseen digits 5-9", "mAP, unseen digits 5-9"),
+        axes,
+        ("recall_at_1", "map"),
+        ("Recall@1, unseen digits 5-9", "mAP, unseen digits 5-9"),
         strict=True,
     ):
         vals = np.array([results[m][key] for m in METHODS]) * 100
@@ -172,7 +174,7 @@ def main(argv=None):
         ax.set_ylim(max(0.0, vals.min() - 10), min(100.0, vals.max() + 5))
         ax.set_ylabel("%")
         ax.set_title(title)
-    common.write_results(args.out, "retrieval", text, fig)
+    common.write_results(args.out, "retrieval", text, fig, smoke=args.smoke)
     return {"results": results, "histories": histories, "table": table}
 
 

@@ -274,7 +274,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--solve-calls", type=int, default=200)
     parser.add_argument("--no-torch", action="store_true", help="skip torchjd even if installed")
     parser.add_argument(
-        "--out", default=str(common.RESULTS_DIR), help="folder for speed_cpu.md ('' for none)"
+        "--out",
+        default=None,
+        help="folder for speed_cpu.md ('': none; default results, none with --smoke)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, K = 2, few steps, no torch (tests)"
@@ -370,9 +372,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table)
     print()
     print(solve_table)
-    if args.out:
-        for path in common.write_results(args.out, "speed_cpu", text):
-            print(f"wrote {path}")
+    for path in common.write_results(args.out, "speed_cpu", text, smoke=args.smoke):
+        print(f"wrote {path}")
     return {"table": table, "solve_table": solve_table, "rows": rows}
 
 
