@@ -55,8 +55,9 @@ def test_axis_argument(data, fn, ref):
     out = fn(st, t, where=np.moveaxis(valid, -1, 1), axis=1)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     mask = np.moveaxis(np.arange(7) == t[..., None], -1, 1)
-    np.testing.assert_allclose(fn(st, mask, where=np.moveaxis(valid, -1, 1), axis=1), expected,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fn(st, mask, where=np.moveaxis(valid, -1, 1), axis=1), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_info_nce_is_log_one_plus_xi(data):

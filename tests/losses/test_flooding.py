@@ -112,8 +112,9 @@ def test_descent_ascent_is_grad_norm_step():
         two = _descent_then_ascent_with_flooding(quadratic, theta, eps)
         closed = THETA0 - eps**2 / 2 * 2 * A @ (A @ THETA0 - B)
         np.testing.assert_allclose(two, closed, rtol=0, atol=1e-13)
-        np.testing.assert_allclose(_grad_norm_step(quadratic, theta, eps**2 / 2), closed,
-                                   atol=1e-13)
+        np.testing.assert_allclose(
+            _grad_norm_step(quadratic, theta, eps**2 / 2), closed, atol=1e-13
+        )
         # non-quadratic: error O(eps^3); halving eps divides it by ~8
         errs = []
         for e in (0.004, 0.002, 0.001):

@@ -38,8 +38,9 @@ def test_class_priors_and_logit_adjustment(data):
     np.testing.assert_allclose(pri, np.bincount(y, minlength=4) / 6, rtol=1e-6)
     smooth = (np.bincount(y, minlength=4) + 1.0) / 10.0
     for tau in (1.0, 0.5):
-        out = logit_adjusted_cross_entropy(logits.astype(np.float32), y, class_priors=smooth,
-                                           tau=tau)
+        out = logit_adjusted_cross_entropy(
+            logits.astype(np.float32), y, class_priors=smooth, tau=tau
+        )
         np.testing.assert_allclose(out, _np_ce(logits + tau * np.log(smooth), y), rtol=1e-5)
         adj = posthoc_logit_adjustment(logits.astype(np.float32), class_priors=smooth, tau=tau)
         np.testing.assert_allclose(adj, logits - tau * np.log(smooth), rtol=1e-5, atol=1e-6)
@@ -61,15 +62,17 @@ def test_f1_weighted_bce_matches_numpy():
     y = (rng.random((8, 3)) < 0.3).astype(np.float32)
     mask = rng.random((8, 3)) < 0.8
     ref, f1 = _np_f1_bce(x, y, np.ones_like(mask))
-    np.testing.assert_allclose(f1_weighted_binary_cross_entropy(x.astype(np.float32), y), ref,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        f1_weighted_binary_cross_entropy(x.astype(np.float32), y), ref, rtol=1e-5, atol=1e-6
+    )
     ref_m, f1_m = _np_f1_bce(x, y, mask)
     out = f1_weighted_binary_cross_entropy(x.astype(np.float32), y.astype(bool), where=mask)
     np.testing.assert_allclose(out, ref_m, rtol=1e-5, atol=1e-6)
     # per-column F (axis=0) for multi-label use
     cols = [_np_f1_bce(x[:, j], y[:, j], np.ones(8))[0] for j in range(3)]
-    np.testing.assert_allclose(f1_weighted_binary_cross_entropy(x, y, axis=0),
-                               np.stack(cols, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        f1_weighted_binary_cross_entropy(x, y, axis=0), np.stack(cols, 1), rtol=1e-5, atol=1e-6
+    )
     # F is stop-gradient: the gradient is that of the weighted BCE with F held fixed
     xs = jnp.asarray(x, jnp.float32)
     g = jax.grad(lambda z: f1_weighted_binary_cross_entropy(z, y, where=mask).sum())(xs)
@@ -80,8 +83,13 @@ def test_f1_weighted_bce_matches_numpy():
     big = jnp.array([[100.0, -100.0, 0.0]])
     out = f1_weighted_binary_cross_entropy(big, jnp.array([[0.0, 1.0, 1.0]]))
     assert np.all(np.isfinite(out))
-    assert np.all(np.isfinite(jax.grad(
-        lambda z: f1_weighted_binary_cross_entropy(z, jnp.array([[0.0, 1.0, 1.0]])).sum())(big)))
+    assert np.all(
+        np.isfinite(
+            jax.grad(
+                lambda z: f1_weighted_binary_cross_entropy(z, jnp.array([[0.0, 1.0, 1.0]])).sum()
+            )(big)
+        )
+    )
 
 
 def test_focal_matches_numpy(data):
@@ -89,14 +97,16 @@ def test_focal_matches_numpy(data):
     p_y = np.exp(-_np_ce(logits, y))
     for gamma in (0.0, 2.0, 0.5):
         out = softmax_focal_loss(logits.astype(np.float32), y, gamma=gamma)
-        np.testing.assert_allclose(out, (1 - p_y) ** gamma * _np_ce(logits, y), rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            out, (1 - p_y) ** gamma * _np_ce(logits, y), rtol=1e-5, atol=1e-7
+        )
     check_grad_fd(lambda x: softmax_focal_loss(x, y, gamma=2.0).sum(), logits)
     # p_y == 1 exactly in float32: loss 0, gradient finite for gamma in {0, 0.5, 2}
     sure = jnp.array([[50.0, -50.0, -50.0]])
     for gamma in (0.0, 0.5, 2.0):
         g = jax.grad(lambda x, gm=gamma: softmax_focal_loss(x, jnp.array([0]), gamma=gm).sum())(
-            sure)
+            sure
+        )
         assert np.all(np.isfinite(g))
 
 
@@ -113,8 +123,9 @@ def test_class_balanced_weights_matches_numpy():
         assert np.isclose(float(w.sum()), 4.0, rtol=1e-5) and w[2] == 0.0
     # beta -> 1 approaches inverse frequency (normalised)
     inv = np.array([1 / 1000, 1 / 10, 0, 1.0])
-    np.testing.assert_allclose(class_balanced_weights(n, beta=1 - 1e-7),
-                               inv * 4 / inv.sum(), rtol=1e-3)
+    np.testing.assert_allclose(
+        class_balanced_weights(n, beta=1 - 1e-7), inv * 4 / inv.sum(), rtol=1e-3
+    )
 
 
 def _np_ldam(logits, y, counts, m=0.5, s=30.0):
