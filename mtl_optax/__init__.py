@@ -5,7 +5,7 @@ The public API is flat: ``import mtl_optax as mtl`` then ``mtl.mgda()``, ``mtl.a
 """
 
 from mtl_optax.aggregate import AggregateState, aggregate, task_gram
-from mtl_optax.jacobian import value_and_jacobian
+from mtl_optax.jacobian import TaskGradients, value_and_jacobian
 from mtl_optax.losses import *  # flat public API
 from mtl_optax.solvers import frank_wolfe_simplex, min_norm_weights
 from mtl_optax.weight_decay import weight_decay_constraint

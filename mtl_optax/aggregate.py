@@ -11,8 +11,12 @@ task has a non-zero gradient) are summed over the task axis. The output has the 
     updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
 
 The transform must come first in ``optax.chain`` (it is the one that removes the task
-axis); given ``params`` it checks this and says so. The state keeps the last weights for
-logging (``state.weights``).
+axis). Gradients from :func:`value_and_jacobian` arrive wrapped in :class:`TaskGradients`, so
+an optax transform placed before ``aggregate`` fails on the structure mismatch (the error
+names the ``TaskGradients`` type) instead of silently treating the task axis as a batch of
+parameters. Plain stacked pytrees are accepted too; given ``params`` their shapes are checked
+against ``(K, *param.shape)``. The state keeps the last weights for logging
+(``state.weights``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_optax.jacobian import TaskGradients
 from mtl_optax.weighting.base import Weighting, check_num_tasks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -147,6 +152,8 @@ def aggregate(
         )
 
     def update(task_grads, state, params=None, *, task_losses=None, **extra):
+        if isinstance(task_grads, TaskGradients):
+            task_grads = task_grads.tree
         check_task_axis(task_grads, num_tasks, params)
         if params is None:  # what a callable mask sees: the param shapes, no task axis
             params_like = jax.tree_util.tree_map(

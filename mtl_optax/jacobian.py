@@ -21,11 +21,41 @@ per-task ``jax.grad``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 STRATEGIES = ("auto", "vmap", "map", "chunked")
+
+
+@jax.tree_util.register_pytree_node_class
+class TaskGradients:
+    """Stacked per-task gradients: ``tree`` is shaped like params with a leading task axis.
+
+    A pytree node of its own, so it passes through ``jit``, ``vmap`` and ``tree_map`` but
+    cannot be mistaken for ordinary gradients: an optax transform placed before
+    :func:`mtl_optax.aggregate` in ``optax.chain`` fails on the structure mismatch instead
+    of silently treating the task axis as a batch of parameters. ``task_grads["trunk"]``
+    indexes the inner tree; ``task_grads.tree`` is the tree itself.
+    """
+
+    def __init__(self, tree: Any):
+        self.tree = tree
+
+    def __getitem__(self, key):
+        return self.tree[key]
+
+    def __repr__(self) -> str:
+        return f"TaskGradients({self.tree!r})"
+
+    def tree_flatten(self):
+        return (self.tree,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(children[0])
 
 
 def value_and_jacobian(
@@ -46,8 +76,8 @@ def value_and_jacobian(
 
     Returns:
       A function with the signature of ``task_losses_fn`` returning ``(losses, task_grads)``
-      (or ``((losses, aux), task_grads)``); ``task_grads`` is a pytree like ``params`` whose
-      leaves have shape ``(K, *param.shape)``.
+      (or ``((losses, aux), task_grads)``); ``task_grads`` is a :class:`TaskGradients`
+      wrapping a pytree like ``params`` whose leaves have shape ``(K, *param.shape)``.
 
     Example::
 
@@ -87,6 +117,6 @@ def value_and_jacobian(
             grads = jax.vmap(one_task)(cotangents)
         else:
             grads = jax.lax.map(one_task, cotangents, batch_size=chunk_size)  # None: one by one
-        return ((losses, aux) if has_aux else losses), grads
+        return ((losses, aux) if has_aux else losses), TaskGradients(grads)
 
     return wrapped

@@ -55,7 +55,9 @@ def test_callable_mask_and_default_all_shared():
     c = mtl.aggregate(mtl.mean_weighting(), num_tasks=models.K)
     uc, _ = c.update(task_grads, c.init(params), params)
     jax.tree_util.tree_map(
-        lambda u, g: np.testing.assert_allclose(u, g.mean(0), rtol=1e-6, atol=1e-7), uc, task_grads
+        lambda u, g: np.testing.assert_allclose(u, g.mean(0), rtol=1e-6, atol=1e-7),
+        uc,
+        task_grads.tree,
     )
 
 
@@ -105,7 +107,7 @@ def test_zero_and_single_task_gradients():
     transform = mtl.aggregate(mtl.mgda(), num_tasks=1)
     updates, state = transform.update(one, transform.init(params), params)
     jax.tree_util.tree_map(
-        lambda u, g: np.testing.assert_allclose(u, g[0], rtol=1e-6), updates, one
+        lambda u, g: np.testing.assert_allclose(u, g[0], rtol=1e-6), updates, one.tree
     )
 
 
@@ -113,7 +115,7 @@ def test_errors_name_the_offending_leaf():
     params, _, _, task_grads = setup()
     transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
     state = transform.init(params)
-    bad = {**task_grads, "heads": {**task_grads["heads"], "b": task_grads["heads"]["b"][:2]}}
+    bad = {**task_grads.tree, "heads": {**task_grads["heads"], "b": task_grads["heads"]["b"][:2]}}
     with pytest.raises(ValueError, match=r"\['heads'\]\['b'\].*leading task axis"):
         transform.update(bad, state, params)
     with pytest.raises(ValueError, match="must come first in optax.chain"):
@@ -154,9 +156,18 @@ def test_callable_mask_without_params_sees_param_shapes():
 
 def test_integer_leaf_and_misplaced_chunk_size_are_named():
     params, _, _, task_grads = setup()
-    bad = {**task_grads, "step": jnp.zeros((models.K,), jnp.int32)}
+    bad = {**task_grads.tree, "step": jnp.zeros((models.K,), jnp.int32)}
     transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K)
     with pytest.raises(ValueError, match=r"\['step'\].*floating point"):
         transform.update(bad, transform.init(None))
     with pytest.raises(ValueError, match="only used by strategy='chunked'"):
         mtl.value_and_jacobian(models.task_losses, strategy="map", chunk_size=2)
+
+
+def test_a_transform_before_aggregate_fails_loudly():
+    """Adam first would treat the task axis as a batch; the TaskGradients node prevents it."""
+    params, _, _, task_grads = setup()
+    assert isinstance(task_grads, mtl.TaskGradients)
+    wrong = optax.chain(optax.adam(1e-3), mtl.aggregate(mtl.mgda(), num_tasks=models.K))
+    with pytest.raises(ValueError, match="TaskGradients"):
+        wrong.update(task_grads, wrong.init(params), params)

@@ -16,7 +16,9 @@ def test_strategies_match_jacrev_and_grad(strategy, chunk):
     params = models.init_params(jax.random.PRNGKey(0))
     batch = models.make_batch(jax.random.PRNGKey(1))
     fn = jax.jit(mtl.value_and_jacobian(models.task_losses, strategy=strategy, chunk_size=chunk))
-    losses, grads = fn(params, batch)
+    losses, task_grads = fn(params, batch)
+    assert isinstance(task_grads, mtl.TaskGradients)
+    grads = task_grads.tree
     np.testing.assert_allclose(losses, models.task_losses(params, batch), rtol=1e-6)
     reference = jax.jacrev(models.task_losses)(params, batch)
     jax.tree_util.tree_map(
