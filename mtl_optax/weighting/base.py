@@ -51,6 +51,12 @@ def check_num_tasks(num_tasks: Any) -> int:
     return num_tasks
 
 
+def empty_init(num_tasks: int) -> EmptyWeightingState:
+    """``init`` of a weighting that keeps no state (still validates ``num_tasks``)."""
+    check_num_tasks(num_tasks)
+    return EmptyWeightingState()
+
+
 def check_inputs(
     weighting: Weighting, gram: jax.Array | None, losses: jax.Array | None
 ) -> tuple[int, jax.Array | None, jax.Array | None]:

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_optax.weighting.base import (
-    EmptyWeightingState,
     Weighting,
     check_inputs,
     check_num_tasks,
+    empty_init,
     finish,
 )
 
@@ -36,7 +36,7 @@ def constant_weighting(weights) -> Weighting:
             raise ValueError(
                 f"constant_weighting has {fixed.size} weights but num_tasks={num_tasks}."
             )
-        return EmptyWeightingState()
+        return empty_init(num_tasks)
 
     def update(gram, losses, state, **extra):
         del extra
@@ -50,16 +50,12 @@ def constant_weighting(weights) -> Weighting:
 
 
 def _uniform(value_for_k) -> Weighting:
-    def init(num_tasks):
-        check_num_tasks(num_tasks)
-        return EmptyWeightingState()
-
     def update(gram, losses, state, **extra):
         del extra
         k, _, _ = check_inputs(weighting, gram, losses)
         return finish(jnp.full((k,), value_for_k(k))), state
 
-    weighting = Weighting(init, update, needs_gram=False)
+    weighting = Weighting(empty_init, update, needs_gram=False)
     return weighting
 
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mtl_optax.weighting.base import (
-    EmptyWeightingState,
     Weighting,
     check_inputs,
-    check_num_tasks,
+    empty_init,
     finish,
 )
 
@@ -34,10 +33,6 @@ def gradient_normalized(*, eps: float = 1e-12) -> Weighting:
         weights, _ = w.update(jnp.diag(jnp.array([4.0, 0.25])), None, w.init(2))  # [0.5, 2.0]
     """
 
-    def init(num_tasks):
-        check_num_tasks(num_tasks)
-        return EmptyWeightingState()
-
     def update(gram, losses, state, **extra):
         del extra
         _, gram, _ = check_inputs(weighting, gram, losses)
@@ -45,5 +40,5 @@ def gradient_normalized(*, eps: float = 1e-12) -> Weighting:
         weights = jnp.where(norms > eps, 1.0 / jnp.maximum(norms, eps), 0.0)
         return finish(jnp.where(jnp.isfinite(norms), weights, jnp.nan)), state
 
-    weighting = Weighting(init, update, needs_gram="diagonal")
+    weighting = Weighting(empty_init, update, needs_gram="diagonal")
     return weighting
