@@ -50,6 +50,7 @@ import optax
 
 import mtl_optax as mtl
 from benchmarks import common
+from benchmarks.multimnist import encode, shared_mask  # same trunk/heads layout
 
 STRATEGIES = ("vmap", "map", "chunked")
 # What value_and_jacobian's default strategy "auto" picks on this backend.
@@ -71,18 +72,6 @@ def init_params(key: jax.Array, num_tasks: int, sizes: Sequence[int]) -> dict[st
             "b": jnp.zeros((num_tasks, 10)),
         },
     }
-
-
-def shared_mask(params) -> dict[str, Any]:
-    return {
-        "trunk": jax.tree_util.tree_map(lambda _: True, params["trunk"]),
-        "heads": jax.tree_util.tree_map(lambda _: False, params["heads"]),
-    }
-
-
-def encode(params, batch) -> jax.Array:
-    x, _ = batch
-    return common.mlp(params["trunk"], x, activate_last=True)
 
 
 def heads(params, z, batch) -> jax.Array:
