@@ -70,7 +70,7 @@ def check_task_axis(task_grads, num_tasks: int, params=None) -> None:
                 f"task axis of size num_tasks={num_tasks} (leaves must agree on it)."
             )
     if params is not None:
-        p_names, p_leaves, p_treedef = _leaves_with_names(params)
+        _, p_leaves, p_treedef = _leaves_with_names(params)
         if p_treedef != treedef:
             raise ValueError(
                 f"Task gradients and params have different structures:\n{treedef}\nvs\n{p_treedef}"

@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.aggregate import resolve_mask
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from mtl_optax.aggregate import _HIGHEST, resolve_mask
 
 
 def weight_decay_constraint(*, mask=None) -> optax.GradientTransformation:
