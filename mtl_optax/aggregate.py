@@ -28,11 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_optax.gram import HIGHEST, weights_from_gradients
 from mtl_optax.jacobian import TaskGradients
 from mtl_optax.weighting.base import Weighting, check_num_tasks
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 class AggregateState(NamedTuple):
     weights: jax.Array  # (K,) float32, the last weights (for logging)
@@ -104,26 +102,6 @@ def resolve_mask(shared, tree, *, name: str = "shared") -> list[bool]:
     return mask_leaves
 
 
-def task_gram(task_grads, mask: list[bool] | None = None, *, diagonal_only: bool = False):
-    """``G = Σ_leaves J_l J_lᵀ`` over the (masked) leaves, in float32 or wider.
-
-    With ``diagonal_only`` only the squared norms are computed, returned as ``diag(G)``
-    in a (K, K) matrix (for weightings with ``needs_gram="diagonal"``).
-    """
-    leaves = jax.tree_util.tree_leaves(task_grads)
-    k = jnp.shape(leaves[0])[0]
-    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-    gram = jnp.zeros((k,) if diagonal_only else (k, k), dtype)
-    for use, leaf in zip(mask or [True] * len(leaves), leaves):
-        if use:
-            flat = leaf.reshape(k, -1).astype(dtype)
-            if diagonal_only:
-                gram = gram + jnp.sum(flat * flat, axis=1)
-            else:
-                gram = gram + jnp.matmul(flat, flat.T, precision=_HIGHEST)
-    return jnp.diag(gram) if diagonal_only else gram
-
-
 def aggregate(
     weighting: Weighting,
     *,
@@ -162,9 +140,8 @@ def aggregate(
         else:
             params_like = params
         mask = resolve_mask(shared, params_like)
-        gram = task_gram(task_grads, mask, diagonal_only=weighting.needs_gram == "diagonal")
-        weights, weighting_state = weighting.update(
-            gram, task_losses, state.weighting_state, **extra
+        weights, weighting_state = weights_from_gradients(
+            weighting, task_grads, task_losses, state.weighting_state, mask=mask, **extra
         )
         leaves, treedef = jax.tree_util.tree_flatten(task_grads)
         out = []
@@ -172,7 +149,7 @@ def aggregate(
             if use:
                 acc = jnp.promote_types(leaf.dtype, jnp.float32)
                 combined = jnp.tensordot(
-                    weights.astype(acc), leaf.astype(acc), axes=1, precision=_HIGHEST
+                    weights.astype(acc), leaf.astype(acc), axes=1, precision=HIGHEST
                 )
             else:
                 combined = jnp.sum(leaf, axis=0)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.aggregate import _HIGHEST, resolve_mask
+from mtl_optax.aggregate import resolve_mask
+from mtl_optax.gram import HIGHEST
 
 
 def weight_decay_constraint(*, mask=None) -> optax.GradientTransformation:
@@ -43,7 +44,7 @@ def weight_decay_constraint(*, mask=None) -> optax.GradientTransformation:
         p_leaves = treedef.flatten_up_to(params)
 
         def dot(a, b):
-            return jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32), precision=_HIGHEST)
+            return jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32), precision=HIGHEST)
 
         inner = sum(dot(g, p) for u, g, p in zip(use, g_leaves, p_leaves) if u)
         norm2 = sum(dot(p, p) for u, p in zip(use, p_leaves) if u)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl_optax.aggregate import task_gram
+from mtl_optax.gram import weights_from_gradients
 from mtl_optax.weighting.base import Weighting
 
 
@@ -64,12 +64,13 @@ def weighted_value_and_grad(
                 f"`task_losses` must return a 1-D array of K task losses, got shape "
                 f"{jnp.shape(losses)}."
             )
-        gram = None
+        feature_grads = None
         if weighting.needs_gram:
             eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
             feature_grads = jax.vmap(lambda e: heads_vjp(e)[1])(eye)
-            gram = task_gram(feature_grads, diagonal_only=weighting.needs_gram == "diagonal")
-        weights, weighting_state = weighting.update(gram, losses, weighting_state, **extra)
+        weights, weighting_state = weights_from_gradients(
+            weighting, feature_grads, losses, weighting_state, **extra
+        )
         head_grads, z_cotangent = heads_vjp(weights.astype(losses.dtype))
         (encoder_grads,) = encode_vjp(z_cotangent)
         grads = jax.tree_util.tree_map(jnp.add, head_grads, encoder_grads)

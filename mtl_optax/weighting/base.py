@@ -42,6 +42,11 @@ class Weighting(NamedTuple):
     update: Callable[..., tuple[jax.Array, Any]]
     needs_gram: bool | str = True  # True, False or "diagonal"
     needs_losses: bool = False
+    # ``h`` with ``weights(c·G) = c**h · weights(G)`` for every c > 0, or None if the weights
+    # are not homogeneous in G. h = 0 means the update is linear under scaling of the
+    # gradients (u(c·J) = c·u(J)). The tiers use it to compute the Gram from power-of-two
+    # rescaled gradients (no float32 overflow/underflow) and undo the scale exactly.
+    homogeneity: float | None = None
 
 
 def check_num_tasks(num_tasks: Any) -> int:

@@ -117,7 +117,12 @@ def mgda(
         return finish(alpha / scale), MinNormState(support=alpha > 0)
 
     weighting = Weighting(
-        _init, update, needs_gram=True, needs_losses=normalization in ("loss", "loss+")
+        _init,
+        update,
+        needs_gram=True,
+        needs_losses=normalization in ("loss", "loss+"),
+        # weights α/scale_i: scale-free α, scale_i ∝ ‖g_i‖ for "l2" and "loss+"
+        homogeneity=-0.5 if normalization in ("l2", "loss+") else 0.0,
     )
     return weighting
 
@@ -174,5 +179,5 @@ def primary_auxiliary(
         x = solvers.min_norm_weights(gram, mask(k), init_support=state.support, max_iters=max_iters)
         return finish(x), MinNormState(support=x > 0)
 
-    weighting = Weighting(init, update, needs_gram=True)
+    weighting = Weighting(init, update, needs_gram=True, homogeneity=0.0)
     return weighting

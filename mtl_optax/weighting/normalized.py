@@ -40,5 +40,5 @@ def gradient_normalized(*, eps: float = 1e-12) -> Weighting:
         weights = jnp.where(norms > eps, 1.0 / jnp.maximum(norms, eps), 0.0)
         return finish(jnp.where(jnp.isfinite(norms), weights, jnp.nan)), state
 
-    weighting = Weighting(empty_init, update, needs_gram="diagonal")
+    weighting = Weighting(empty_init, update, needs_gram="diagonal", homogeneity=-0.5)
     return weighting

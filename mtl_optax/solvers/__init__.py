@@ -1,0 +1,10 @@
+"""Exact, jittable and vmappable solvers for the small problems of multi-task learning.
+
+One module per problem family; every weighting of the same family shares its solver.
+
+* :mod:`.active_set`: min-norm quadratic programs on the Gram matrix (simplex, orthant).
+"""
+
+from mtl_optax.solvers.active_set import check_gram, frank_wolfe_simplex, min_norm_weights
+
+__all__ = ["check_gram", "frank_wolfe_simplex", "min_norm_weights"]
