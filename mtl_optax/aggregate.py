@@ -32,6 +32,7 @@ from mtl_optax.gram import HIGHEST, weights_from_gradients
 from mtl_optax.jacobian import TaskGradients
 from mtl_optax.weighting.base import Weighting, check_num_tasks
 
+
 class AggregateState(NamedTuple):
     weights: jax.Array  # (K,) float32, the last weights (for logging)
     weighting_state: Any
