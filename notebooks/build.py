@@ -1,9 +1,12 @@
 """Build the notebooks from their percent-format sources, and execute them.
 
 Every notebook ``notebooks/<name>.ipynb`` is generated from ``notebooks/<name>.py``: cells
-start at lines ``# %%`` (code) or ``# %% [markdown]`` (markdown, each line behind ``# ``).
-The token ``@GITHUB_REPO@`` becomes :data:`GITHUB_REPO` (the Colab badge and the Colab
-install cell), so the repository is named in this one place.
+start at lines ``# %%`` (code) or ``# %% [markdown]`` (markdown, each line behind ``# ``);
+a line ``# %% [setup]`` stands for :data:`SETUP`, the first code cell every notebook shares
+(in Colab it clones the repository and installs the package with its ``examples`` extra;
+elsewhere it only puts the repository root on ``sys.path``). The token ``@GITHUB_REPO@``
+becomes :data:`GITHUB_REPO` (the Colab badge and the Colab install), so the repository is
+named in this one place.
 
 The notebooks run unchanged on CPU, GPU and TPU runtimes. With the environment variable
 ``MTL_OPTAX_NOTEBOOK_SMALL=1`` they run a reduced size (the test suite uses it); the
@@ -27,7 +30,20 @@ import nbformat
 GITHUB_REPO = "ORG/mtl_optax"  # owner/name on GitHub: set the owner before publishing
 NOTEBOOKS = Path(__file__).resolve().parent
 SMALL_ENV = "MTL_OPTAX_NOTEBOOK_SMALL"
-MARKDOWN, CODE = "# %% [markdown]", "# %%"
+MARKDOWN, SETUP_MARK, CODE = "# %% [markdown]", "# %% [setup]", "# %%"
+SETUP = f"""\
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if "google.colab" in sys.modules and not Path("/content/mtl_optax").exists():
+    url = "https://github.com/{GITHUB_REPO}"
+    subprocess.run(["git", "clone", "-q", "--depth=1", url, "/content/mtl_optax"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/mtl_optax[examples]"])
+    os.chdir("/content/mtl_optax/notebooks")
+sys.path.insert(0, str(Path.cwd().parent))  # the repository root: data helpers in benchmarks/
+SMALL = os.environ.get("{SMALL_ENV}") == "1"  # the test suite's reduced size"""
 
 
 def sources() -> list[Path]:
@@ -41,10 +57,14 @@ def cells(source: str) -> list[tuple[str, str]]:
     for line in source.replace("@GITHUB_REPO@", GITHUB_REPO).splitlines():
         if line.startswith(MARKDOWN):
             found.append(("markdown", []))
+        elif line.startswith(SETUP_MARK):
+            found += [("code", [SETUP]), ("skip", [])]
         elif line.startswith(CODE):
             found.append(("code", []))
         elif found:
             kind, lines = found[-1]
+            if kind == "skip" and line.strip():
+                raise ValueError(f"text after a setup marker: {line!r}")
             if kind == "markdown":
                 if line and not line.startswith("#"):
                     raise ValueError(f"markdown cell line without '# ': {line!r}")
@@ -52,7 +72,7 @@ def cells(source: str) -> list[tuple[str, str]]:
             lines.append(line)
         elif line.strip():
             raise ValueError(f"text before the first cell marker: {line!r}")
-    return [(kind, "\n".join(lines).strip("\n")) for kind, lines in found]
+    return [(kind, "\n".join(lines).strip("\n")) for kind, lines in found if kind != "skip"]
 
 
 def notebook(path: Path) -> nbformat.NotebookNode:

@@ -15,19 +15,7 @@
 #
 # Everything here runs unchanged on CPU, GPU or TPU.
 
-# %%
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-if "google.colab" in sys.modules and not Path("/content/mtl_optax").exists():
-    url = "https://github.com/@GITHUB_REPO@"
-    subprocess.run(["git", "clone", "-q", "--depth=1", url, "/content/mtl_optax"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/mtl_optax[examples]"])
-    os.chdir("/content/mtl_optax/notebooks")
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root: data helpers in benchmarks/
-SMALL = os.environ.get("MTL_OPTAX_NOTEBOOK_SMALL") == "1"  # the test suite's reduced size
+# %% [setup]  (the shared first code cell: Colab install, SMALL flag)
 
 # %%
 import warnings
@@ -43,6 +31,21 @@ from benchmarks import common, imbalance, retrieval
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 print("JAX", jax.__version__, "on", jax.devices())
+
+
+def fit_adam(objective, params, *, steps, seed=0, lr=1e-3):
+    """Parameters after ``steps`` Adam steps on ``objective(params, key) -> (loss, {})``."""
+    optimizer = optax.adam(lr)
+    step = common.make_step(objective, optimizer)
+    state, _ = common.train(
+        step,
+        common.init_state(params, optimizer),
+        jax.random.PRNGKey(100 + seed),
+        steps=steps,
+        progress=False,
+    )
+    return state.params
+
 
 # %% [markdown]
 # ## 1. FlatNCE keeps its gradient in float32
@@ -164,15 +167,8 @@ def train_embedding(name, *, steps=RETRIEVAL_STEPS, batch_size=128, seed=0):
         z = common.mlp(params["net"], x)
         return margin_loss(name, z, params["classes"], params["bias"], y).mean(), {}
 
-    optimizer = optax.adam(1e-3)
-    state, _ = common.train(
-        common.make_step(objective, optimizer),
-        common.init_state(params, optimizer),
-        jax.random.PRNGKey(3),
-        steps=steps,
-        progress=False,
-    )
-    embeddings = common.mlp(state.params["net"], jnp.asarray(x_test[unseen]))
+    trained = fit_adam(objective, params, steps=steps, seed=seed)
+    embeddings = common.mlp(trained["net"], jnp.asarray(x_test[unseen]))
     return retrieval.retrieval_metrics(np.asarray(embeddings), y_test[unseen])
 
 
@@ -229,15 +225,7 @@ def train_long_tailed(adjusted, *, steps=LT_STEPS, batch_size=128, seed=0):
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean(), {}
 
     params = common.init_mlp(jax.random.PRNGKey(seed), CLASSIFIER)
-    optimizer = optax.adam(1e-3)
-    state, _ = common.train(
-        common.make_step(objective, optimizer),
-        common.init_state(params, optimizer),
-        jax.random.PRNGKey(4),
-        steps=steps,
-        progress=False,
-    )
-    return common.mlp(state.params, jnp.asarray(x_test))
+    return common.mlp(fit_adam(objective, params, steps=steps, seed=seed), jnp.asarray(x_test))
 
 
 ce_logits = train_long_tailed(adjusted=False)

@@ -18,19 +18,7 @@
 # and runs Adam (learning rate 10⁻³) on the aggregated update. **To add a method, add one
 # line to `METHODS`.**
 
-# %%
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-if "google.colab" in sys.modules and not Path("/content/mtl_optax").exists():
-    url = "https://github.com/@GITHUB_REPO@"
-    subprocess.run(["git", "clone", "-q", "--depth=1", url, "/content/mtl_optax"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/mtl_optax[examples]"])
-    os.chdir("/content/mtl_optax/notebooks")
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root (for a local checkout)
-SMALL = os.environ.get("MTL_OPTAX_NOTEBOOK_SMALL") == "1"  # the test suite's reduced size
+# %% [setup]  (the shared first code cell: Colab install, SMALL flag)
 
 # %%
 import jax
