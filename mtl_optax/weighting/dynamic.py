@@ -38,13 +38,14 @@ class DWAState(NamedTuple):
     windows: jax.Array  # () int32, complete windows so far
 
 
-def dwa(*, temperature: float = 2.0, window: int = 100) -> Weighting:
+def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS) -> Weighting:
     """Dynamic weight average: ``w = K·softmax((L̄(t−1)/L̄(t−2))/T)``.
 
     Args:
       temperature: T (default 2, the paper's, LibMTL's and torchjd's value); larger is
         more uniform.
       window: steps per averaging window (default 100; the paper averages over an epoch).
+      eps: window means below ``eps`` count as ``eps`` (zero losses give finite weights).
 
     The weights of a call come from the complete windows before it; the call's losses are
     then added to the current window. Until two windows are complete ``w = 1``.
@@ -59,6 +60,7 @@ def dwa(*, temperature: float = 2.0, window: int = 100) -> Weighting:
     """
     temperature = arguments.real("temperature", temperature, low=0.0)
     window = arguments.positive_int("window", window)
+    eps = arguments.real("eps", eps, low=0.0)
 
     def init(num_tasks):
         zeros = jnp.zeros(check_num_tasks(num_tasks), jnp.float32)
@@ -69,7 +71,7 @@ def dwa(*, temperature: float = 2.0, window: int = 100) -> Weighting:
         del extra
         k, _, losses = check_inputs(weighting, gram, losses)
         arguments.same_tasks("state", state.window_sum, k)
-        rate = state.last / state.before_last
+        rate = jnp.maximum(state.last, eps) / jnp.maximum(state.before_last, eps)
         ready = state.windows >= 2
         weights = jnp.where(
             ready, k * jax.nn.softmax(jnp.where(ready, rate, 0.0) / temperature), 1.0

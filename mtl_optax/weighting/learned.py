@@ -167,7 +167,8 @@ def gradnorm(
         weighted gradient norms.
       optimizer: optax optimizer of ``w`` (default ``optax.adam(1e-3)``; the paper and LibMTL
         train ``w`` with the model's optimizer).
-      eps: initial losses below ``eps`` count as ``eps``.
+      eps: initial losses (and the mean loss ratio) below ``eps`` count as ``eps``, so
+        zero losses give finite weights.
 
     The optimizer step on ``w`` depends on the absolute gradient norms (with a non-adaptive
     optimizer its size scales with them), so ``homogeneity`` is None: in tier 3 the
@@ -200,7 +201,7 @@ def gradnorm(
         losses = losses.astype(dtype)
         initial = jnp.where(state.step == 0, losses, state.initial_losses)
         ratio = losses / jnp.maximum(initial, eps)
-        rate = ratio / jnp.mean(ratio)
+        rate = ratio / jnp.maximum(jnp.mean(ratio), eps)
 
         def objective(w):
             weighted_norms = w * norms
