@@ -205,7 +205,7 @@ def plot(histories, methods, steps):
         for t, name in enumerate(TASKS):
             ax.plot(np.arange(1, steps + 1), share.mean(0)[:, t], label=name, lw=1)
         ax.set_yscale("log")
-        ax.set_ylim(1e-7, 1.5)
+        ax.set_ylim(1e-9, 1.5)
         ax.set_title(method, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[len(methods) :]:
