@@ -282,3 +282,40 @@ def test_wrong_number_of_tasks_is_named():
         mtl.prior_loss_weighting([1.0, 2.0, 3.0]).update(None, jnp.ones(2), None)
     with pytest.raises(ValueError, match="needs the task losses"):
         mtl.real_time_weighting().update(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "factory,direction_only",
+    [
+        (lambda: mtl.initial_loss_weighting(steps=3), False),
+        (lambda: mtl.stch(warmup=3), False),
+        (lambda: mtl.real_time_weighting(), False),
+        (lambda: mtl.famo(), True),
+        (lambda: mtl.geometric_mean(), True),
+    ],
+    ids=["initial_loss", "stch", "real_time", "famo", "geometric_mean"],
+)
+def test_updates_are_invariant_to_a_factor_1000_on_one_loss(factory, direction_only):
+    """Over a whole loss sequence: ``w_j(c·L) = w_j(L)/c`` for the rescaled task (up to one
+    positive factor per step for FAMO and GLS), so ``Σ w_i g_i`` is unchanged (in
+    direction) when ``g_j`` is rescaled with it."""
+    scale = np.array([1.0, 1e3, 1.0])
+    plain, _ = run_sequence(factory(), LOSS_SEQUENCE)
+    scaled, _ = run_sequence(factory(), LOSS_SEQUENCE * scale)
+    rescaled = scaled * scale
+    if direction_only:
+        rescaled = rescaled / rescaled.sum(1, keepdims=True)
+        plain = plain / plain.sum(1, keepdims=True)
+    np.testing.assert_allclose(rescaled, plain, rtol=1e-4)
+
+
+def test_fixed_and_random_weights_ignore_a_shifted_loss():
+    shift = np.array([0.0, 5.0, 0.0])
+    for factory in (
+        lambda: mtl.prior_loss_weighting([1.0, 2.0, 3.0]),
+        lambda: mtl.random_weighting(key=jax.random.PRNGKey(1)),
+        mtl.mean_weighting,
+    ):
+        plain, _ = run_sequence(factory(), LOSS_SEQUENCE[:3])
+        shifted, _ = run_sequence(factory(), LOSS_SEQUENCE[:3] + shift)
+        np.testing.assert_array_equal(shifted, plain)
