@@ -22,7 +22,7 @@ from mtl_optax.weighting import (
     primary_auxiliary,
     sum_weighting,
 )
-from mtl_optax.weighting.dynamic import DWAState, STCHState, dwa, stch
+from mtl_optax.weighting.dynamic import DWAState, dwa, stch
 from mtl_optax.weighting.learned import (
     FAMOState,
     GradNormState,
@@ -33,7 +33,7 @@ from mtl_optax.weighting.learned import (
     uncertainty_weighting,
 )
 from mtl_optax.weighting.loss_scale import (
-    InitialLossState,
+    WarmupMeanState,
     cross_entropy_initial_loss,
     cross_entropy_prior_loss,
     generalized_mean,

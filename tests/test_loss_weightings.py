@@ -198,7 +198,7 @@ def stch64(losses_seq, warmup, mu):
 def test_stch_warmup_then_nadir(warmup, mu):
     weights, state = run_sequence(mtl.stch(warmup=warmup, mu=mu), LOSS_SEQUENCE)
     np.testing.assert_allclose(weights, stch64(LOSS_SEQUENCE, warmup, mu), rtol=2e-5, atol=1e-8)
-    np.testing.assert_allclose(state.warmup_sum, LOSS_SEQUENCE[:warmup].sum(0), rtol=1e-6)
+    np.testing.assert_allclose(state.total, LOSS_SEQUENCE[:warmup].sum(0), rtol=1e-6)
 
 
 def test_stch_update_is_invariant_to_rescaling_a_loss_after_warmup():

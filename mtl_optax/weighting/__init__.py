@@ -2,7 +2,7 @@
 
 from mtl_optax.weighting.base import EmptyWeightingState, Weighting
 from mtl_optax.weighting.basic import constant_weighting, mean_weighting, sum_weighting
-from mtl_optax.weighting.dynamic import DWAState, STCHState, dwa, stch
+from mtl_optax.weighting.dynamic import DWAState, dwa, stch
 from mtl_optax.weighting.learned import (
     FAMOState,
     GradNormState,
@@ -13,7 +13,7 @@ from mtl_optax.weighting.learned import (
     uncertainty_weighting,
 )
 from mtl_optax.weighting.loss_scale import (
-    InitialLossState,
+    WarmupMeanState,
     cross_entropy_initial_loss,
     cross_entropy_prior_loss,
     generalized_mean,
@@ -39,7 +39,6 @@ __all__ = [
     "primary_auxiliary",
     "sum_weighting",
     "DWAState",
-    "STCHState",
     "dwa",
     "stch",
     "FAMOState",
@@ -49,7 +48,7 @@ __all__ = [
     "gradnorm",
     "imtl_l",
     "uncertainty_weighting",
-    "InitialLossState",
+    "WarmupMeanState",
     "cross_entropy_initial_loss",
     "cross_entropy_prior_loss",
     "generalized_mean",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from mtl_optax.weighting import arguments
 from mtl_optax.weighting.base import Weighting, check_inputs, check_num_tasks, finish
-from mtl_optax.weighting.loss_scale import DEFAULT_EPS
+from mtl_optax.weighting.loss_scale import DEFAULT_EPS, warmup_mean, warmup_mean_init
 
 
 class DWAState(NamedTuple):
@@ -93,19 +93,16 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
     return weighting
 
 
-class STCHState(NamedTuple):
-    warmup_sum: jax.Array  # (K,) sum of the warm-up losses (then fixed: nadir · warmup)
-    step: jax.Array  # () int32
-
-
 def stch(*, mu: float = 1.0, warmup: int = 100, eps: float = DEFAULT_EPS) -> Weighting:
     """Smooth Tchebycheff scalarisation of the log-losses against a warm-up nadir point.
 
     Args:
-      mu: smoothing μ (default 1, as the spec and LibMTL's benchmark setting); μ → 0 puts all
-        the weight on the task with the largest ``L_i/z_i``.
-      warmup: warm-up steps (default 100; the sources count it in epochs) whose mean loss is
-        the nadir point ``z``; during them the weights are ``1/L_i``.
+      mu: smoothing μ (default 1; the paper evaluates μ ∈ {0.01, 0.1, 0.5, 1} without a
+        single best, torchjd has no default); μ → 0 puts all the weight on the task with
+        the largest ``L_i/z_i``.
+      warmup: warm-up steps (default 100; the sources count it in epochs) whose mean loss,
+        the running mean of :func:`initial_loss_weighting`, is the nadir point ``z``;
+        during them the weights are ``1/L_i``.
       eps: losses (and nadir entries) below ``eps`` count as ``eps``; negative losses are an
         error (NaN weights under ``jit``).
 
@@ -120,25 +117,19 @@ def stch(*, mu: float = 1.0, warmup: int = 100, eps: float = DEFAULT_EPS) -> Wei
     warmup = arguments.positive_int("warmup", warmup)
     eps = arguments.real("eps", eps, low=0.0)
 
-    def init(num_tasks):
-        k = check_num_tasks(num_tasks)
-        return STCHState(jnp.zeros(k, jnp.float32), jnp.zeros((), jnp.int32))
-
     def update(gram, losses, state, **extra):
         del extra
         k, _, losses = check_inputs(weighting, gram, losses)
-        arguments.same_tasks("state", state.warmup_sum, k)
+        arguments.same_tasks("state", state.total, k)
         valid = arguments.non_negative(losses, method="stch")
-        clipped = jnp.maximum(losses, eps).astype(state.warmup_sum.dtype)
-        warming = state.step < warmup
-        nadir = jnp.maximum(state.warmup_sum / warmup, eps)
-        share = jax.nn.softmax(jnp.log(clipped / nadir) / mu)
+        clipped = jnp.maximum(losses, eps)
+        warming = state.count < warmup
+        nadir, new_state = warmup_mean(state, losses, warmup)
+        share = jax.nn.softmax(jnp.log(clipped / jnp.maximum(nadir, eps)) / mu)
         weights = jnp.where(warming, 1.0, share) / clipped
-        weights = jnp.where(jnp.all(valid), weights, jnp.nan)
-        new_state = STCHState(
-            jnp.where(warming, state.warmup_sum + clipped, state.warmup_sum), state.step + 1
-        )
-        return finish(weights), new_state
+        return finish(jnp.where(jnp.all(valid), weights, jnp.nan)), new_state
 
-    weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
+    weighting = Weighting(
+        warmup_mean_init, update, needs_gram=False, needs_losses=True, homogeneity=0.0
+    )
     return weighting

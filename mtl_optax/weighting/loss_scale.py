@@ -104,11 +104,27 @@ def _targets(targets) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- fixed references
-class InitialLossState(NamedTuple):
-    """Sum and number of the losses seen so far (up to ``steps`` of them)."""
+class WarmupMeanState(NamedTuple):
+    """Sum and number of the loss vectors seen so far, up to a fixed number of them."""
 
     total: jax.Array  # (K,)
     count: jax.Array  # () int32
+
+
+def warmup_mean_init(num_tasks: int) -> WarmupMeanState:
+    k = check_num_tasks(num_tasks)
+    return WarmupMeanState(jnp.zeros(k, jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def warmup_mean(
+    state: WarmupMeanState, losses: jax.Array, steps: int
+) -> tuple[jax.Array, WarmupMeanState]:
+    """Mean of the first ``steps`` loss vectors (this call's included while counting), then
+    frozen; returns ``(mean, new_state)``."""
+    counting = state.count < steps
+    total = jnp.where(counting, state.total + losses.astype(state.total.dtype), state.total)
+    count = jnp.where(counting, state.count + 1, state.count)
+    return total / count, WarmupMeanState(total, count)
 
 
 def initial_loss_weighting(*, initial=None, steps: int = 10, eps: float = DEFAULT_EPS) -> Weighting:
@@ -134,22 +150,17 @@ def initial_loss_weighting(*, initial=None, steps: int = 10, eps: float = DEFAUL
         return _inverse_reference("initial", initial)
     steps = arguments.positive_int("steps", steps)
 
-    def init(num_tasks):
-        k = check_num_tasks(num_tasks)
-        return InitialLossState(jnp.zeros(k, jnp.float32), jnp.zeros((), jnp.int32))
-
     def update(gram, losses, state, **extra):
         del extra
         k, _, losses = check_inputs(weighting, gram, losses)
         arguments.same_tasks("state", state.total, k)
         valid = arguments.non_negative(losses, method="initial_loss_weighting")
-        counting = state.count < steps
-        total = jnp.where(counting, state.total + losses, state.total)
-        count = jnp.where(counting, state.count + 1, state.count)
-        weights = jnp.where(valid, 1.0 / jnp.maximum(total / count, eps), jnp.nan)
-        return finish(weights), InitialLossState(total.astype(state.total.dtype), count)
+        mean, state = warmup_mean(state, losses, steps)
+        return finish(jnp.where(valid, 1.0 / jnp.maximum(mean, eps), jnp.nan)), state
 
-    weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
+    weighting = Weighting(
+        warmup_mean_init, update, needs_gram=False, needs_losses=True, homogeneity=0.0
+    )
     return weighting
 
 
