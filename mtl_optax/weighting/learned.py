@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_optax.weighting import arguments
@@ -270,8 +271,8 @@ def famo(
         else optimizer
     )
     if min_losses is not None:
-        minimum = jnp.asarray(min_losses, jnp.float32)
-        if minimum.ndim != 1 or not bool(jnp.all(jnp.isfinite(minimum))):
+        minimum = np.asarray(min_losses, np.float32)
+        if minimum.ndim != 1 or not np.all(np.isfinite(minimum)):
             raise ValueError(
                 f"`min_losses` must be a finite 1-D sequence (one per task), got {min_losses!r}."
             )
