@@ -15,7 +15,8 @@ Both read only the losses (tier 1) and keep a short summary of past losses in th
   (μ cancels from the derivative's scale).
 
 Checked in ``tests/test_loss_weightings.py`` against float64 NumPy transcriptions over
-sequences of losses (DWA window rolls, STCH warm-up then nadir).
+sequences of losses (DWA window rolls, STCH warm-up then nadir); DWA also call by call
+against torchjd 0.18's ``DWA`` (``tests/test_torchjd_scalarizer_fixtures.py``).
 """
 
 from __future__ import annotations

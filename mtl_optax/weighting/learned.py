@@ -24,7 +24,8 @@ updated logits (the source updates them after the model step, before the next on
 Checked in ``tests/test_learned_weightings.py`` against float64 NumPy transcriptions of each
 method over several steps (including Adam with L2 weight decay for FAMO), the closed-form
 optima of UW and IMTL-L on fixed losses, and GradNorm moving the weights towards equal
-weighted gradient norms.
+weighted gradient norms; UW, IMTL-L and FAMO also call by call against torchjd 0.18's
+scalarizers (``tests/test_torchjd_scalarizer_fixtures.py``).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ Checked in ``tests/test_loss_weightings.py`` against float64 NumPy transcription
 formula (running mean over the first steps, the generalized mean's derivative by finite
 differences, its γ → 0 and ±∞ limits), against the invariance of the update to a 10³
 rescaling of one loss, and against the helpers' closed forms (``log C``, the label entropy,
-the target variance).
+the target variance). The geometric mean also against torchjd 0.18's ``GeometricMean``
+(``tests/test_torchjd_scalarizer_fixtures.py``).
 """
 
 from __future__ import annotations
