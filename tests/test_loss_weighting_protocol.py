@@ -91,3 +91,19 @@ def test_zero_losses_and_a_single_task_are_finite(name):
         for _ in range(3):  # past the warm-up / window of the stateful ones
             weights, state = weighting.update(gram, jnp.asarray(losses, jnp.float32), state)
             assert weights.shape == (k,) and bool(jnp.all(jnp.isfinite(weights))), (k, weights)
+
+
+def test_float64_losses_give_float64_weights_and_stable_state_dtypes():
+    with jax.enable_x64(True):
+        for name in NAMES:
+            weighting = WEIGHTINGS[name](K)
+            state = weighting.init(K)
+            gram = jnp.eye(K, dtype=jnp.float64) if weighting.needs_gram else None
+            for _ in range(3):
+                weights, new_state = weighting.update(
+                    gram, jnp.array([0.5, 1.0, 2.0], jnp.float64), state
+                )
+                dtypes = [x.dtype for x in jax.tree_util.tree_leaves(state)]
+                assert [x.dtype for x in jax.tree_util.tree_leaves(new_state)] == dtypes, name
+                state = new_state
+            assert weights.dtype == jnp.float64, name

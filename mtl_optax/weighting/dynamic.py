@@ -88,7 +88,7 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
             before_last=jnp.where(full, state.last, state.before_last),
             windows=state.windows + full,
         )
-        return finish(weights), new_state
+        return finish(weights.astype(losses.dtype)), new_state
 
     weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting

@@ -78,7 +78,7 @@ def _log_scale_weighting(
         s = state.log_scale
         grads = jax.grad(objective)(s, jax.lax.stop_gradient(losses).astype(s.dtype))
         new_s, opt_state = _step(opt, s, state.opt_state, grads)
-        return finish(weights_of(s)), LogScaleState(new_s, opt_state)
+        return finish(weights_of(s).astype(losses.dtype)), LogScaleState(new_s, opt_state)
 
     weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting
@@ -200,6 +200,7 @@ def gradnorm(
         arguments.same_tasks("state", state.weights, k)
         dtype = state.weights.dtype
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)).astype(dtype)
+        weights = finish(state.weights.astype(losses.dtype))
         losses = losses.astype(dtype)
         initial = jnp.where(state.step == 0, losses, state.initial_losses)
         ratio = losses / jnp.maximum(initial, eps)
@@ -213,7 +214,7 @@ def gradnorm(
         grads = jax.grad(objective)(state.weights)
         new_w, opt_state = _step(opt, state.weights, state.opt_state, grads)
         new_w = k * new_w / jnp.sum(new_w)
-        return finish(state.weights), GradNormState(new_w, initial, state.step + 1, opt_state)
+        return weights, GradNormState(new_w, initial, state.step + 1, opt_state)
 
     weighting = Weighting(init, update, needs_gram="diagonal", needs_losses=True, homogeneity=None)
     return weighting
@@ -308,7 +309,9 @@ def famo(
         z = jax.nn.softmax(logits)
         weights = z / (jnp.sum(z / shifted) * shifted)
         weights = jnp.where(jnp.all(valid), weights, jnp.nan)
-        return finish(weights), FAMOState(logits, opt_state, shifted, state.step + 1)
+        return finish(weights.astype(losses.dtype)), FAMOState(
+            logits, opt_state, shifted, state.step + 1
+        )
 
     weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting

@@ -157,7 +157,8 @@ def initial_loss_weighting(*, initial=None, steps: int = 10, eps: float = DEFAUL
         arguments.same_tasks("state", state.total, k)
         valid = arguments.non_negative(losses, method="initial_loss_weighting")
         mean, state = warmup_mean(state, losses, steps)
-        return finish(jnp.where(valid, 1.0 / jnp.maximum(mean, eps), jnp.nan)), state
+        weights = jnp.where(valid, 1.0 / jnp.maximum(mean, eps), jnp.nan)
+        return finish(weights.astype(losses.dtype)), state
 
     weighting = Weighting(
         warmup_mean_init, update, needs_gram=False, needs_losses=True, homogeneity=0.0
