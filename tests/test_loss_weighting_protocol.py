@@ -107,3 +107,16 @@ def test_float64_losses_give_float64_weights_and_stable_state_dtypes():
                 assert [x.dtype for x in jax.tree_util.tree_leaves(new_state)] == dtypes, name
                 state = new_state
             assert weights.dtype == jnp.float64, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_non_finite_step_gives_nan_weights_and_leaves_the_state(name):
+    weighting = WEIGHTINGS[name](K)
+    update = jax.jit(weighting.update)
+    _, state = run(weighting, update, LOSSES[0][:2], GRAMS[0][:2], weighting.init(K))
+    bad = jnp.asarray(LOSSES[0][2]).at[1].set(jnp.nan)
+    weights, after = update(gram_for(weighting, GRAMS[0][2]), bad, state)
+    if name not in ("random", "initial_loss_given", "prior_loss"):  # these ignore the values
+        assert bool(jnp.any(jnp.isnan(weights))), weights
+        for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(state)):
+            np.testing.assert_array_equal(a, b)

@@ -108,3 +108,10 @@ def non_negative(losses: jax.Array, *, method: str) -> jax.Array:
             f"{np.asarray(losses)}. Shift the losses (or use a method without logarithms)."
         )
     return losses >= 0
+
+
+def unless_bad(ok: jax.Array, new_state: Any, old_state: Any) -> Any:
+    """``new_state`` if ``ok`` else ``old_state``: a step with non-finite (or, where logs are
+    taken, negative) inputs returns NaN weights and leaves the state as it was, so a step
+    skipped by ``optax.apply_if_finite`` does not poison running means or parameters."""
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), new_state, old_state)

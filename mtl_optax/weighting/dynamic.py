@@ -88,7 +88,9 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
             before_last=jnp.where(full, state.last, state.before_last),
             windows=state.windows + full,
         )
-        return finish(weights.astype(losses.dtype)), new_state
+        ok = jnp.all(jnp.isfinite(losses))
+        weights = jnp.where(ok, weights, jnp.nan)
+        return finish(weights.astype(losses.dtype)), arguments.unless_bad(ok, new_state, state)
 
     weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting
@@ -128,7 +130,9 @@ def stch(*, mu: float = 1.0, warmup: int = 100, eps: float = DEFAULT_EPS) -> Wei
         nadir, new_state = warmup_mean(state, losses, warmup)
         share = jax.nn.softmax(jnp.log(clipped / jnp.maximum(nadir, eps)) / mu)
         weights = jnp.where(warming, 1.0, share) / clipped
-        return finish(jnp.where(jnp.all(valid), weights, jnp.nan)), new_state
+        ok = jnp.all(valid & jnp.isfinite(losses))
+        weights = jnp.where(ok, weights, jnp.nan)
+        return finish(weights.astype(losses.dtype)), arguments.unless_bad(ok, new_state, state)
 
     weighting = Weighting(
         warmup_mean_init, update, needs_gram=False, needs_losses=True, homogeneity=0.0

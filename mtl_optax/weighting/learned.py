@@ -77,8 +77,10 @@ def _log_scale_weighting(
         arguments.same_tasks("state", state.log_scale, k)
         s = state.log_scale
         grads = jax.grad(objective)(s, jax.lax.stop_gradient(losses).astype(s.dtype))
-        new_s, opt_state = _step(opt, s, state.opt_state, grads)
-        return finish(weights_of(s).astype(losses.dtype)), LogScaleState(new_s, opt_state)
+        new_state = LogScaleState(*_step(opt, s, state.opt_state, grads))
+        ok = jnp.all(jnp.isfinite(losses))
+        weights = jnp.where(ok, weights_of(s), jnp.nan)
+        return finish(weights.astype(losses.dtype)), arguments.unless_bad(ok, new_state, state)
 
     weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting
@@ -200,7 +202,8 @@ def gradnorm(
         arguments.same_tasks("state", state.weights, k)
         dtype = state.weights.dtype
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)).astype(dtype)
-        weights = finish(state.weights.astype(losses.dtype))
+        ok = jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(norms))
+        weights = finish(jnp.where(ok, state.weights, jnp.nan).astype(losses.dtype))
         losses = losses.astype(dtype)
         initial = jnp.where(state.step == 0, losses, state.initial_losses)
         ratio = losses / jnp.maximum(initial, eps)
@@ -214,7 +217,8 @@ def gradnorm(
         grads = jax.grad(objective)(state.weights)
         new_w, opt_state = _step(opt, state.weights, state.opt_state, grads)
         new_w = k * new_w / jnp.sum(new_w)
-        return weights, GradNormState(new_w, initial, state.step + 1, opt_state)
+        new_state = GradNormState(new_w, initial, state.step + 1, opt_state)
+        return weights, arguments.unless_bad(ok, new_state, state)
 
     weighting = Weighting(init, update, needs_gram="diagonal", needs_losses=True, homogeneity=None)
     return weighting
@@ -224,7 +228,7 @@ def gradnorm(
 class FAMOState(NamedTuple):
     logits: jax.Array  # (K,) ξ
     opt_state: Any
-    previous_losses: jax.Array  # (K,) losses of the previous call
+    previous_losses: jax.Array  # (K,) ℓ = L − b + ε of the previous call
     step: jax.Array  # () int32
 
 
@@ -308,10 +312,10 @@ def famo(
         )
         z = jax.nn.softmax(logits)
         weights = z / (jnp.sum(z / shifted) * shifted)
-        weights = jnp.where(jnp.all(valid), weights, jnp.nan)
-        return finish(weights.astype(losses.dtype)), FAMOState(
-            logits, opt_state, shifted, state.step + 1
-        )
+        ok = jnp.all(valid & jnp.isfinite(gap))
+        new_state = FAMOState(logits, opt_state, shifted, state.step + 1)
+        weights = jnp.where(ok, weights, jnp.nan)
+        return finish(weights.astype(losses.dtype)), arguments.unless_bad(ok, new_state, state)
 
     weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting

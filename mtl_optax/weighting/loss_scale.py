@@ -25,6 +25,9 @@ to both).
 Logarithms and divisions need positive losses. Losses below ``eps`` count as ``eps``
 (a task whose loss reached 0 gets the large but finite weight ``1/eps``); negative losses
 raise a ``ValueError`` when the losses are concrete and give NaN weights under ``jit``.
+A stateful weighting leaves its state unchanged at a step whose losses are non-finite or
+negative (so a step skipped by ``optax.apply_if_finite`` does not poison it); this holds for
+every stateful loss weighting of the library.
 The weights do not depend on the Gram matrix (tier 1; ``homogeneity=0``).
 
 Checked in ``tests/test_loss_weightings.py`` against float64 NumPy transcriptions of each
@@ -156,9 +159,10 @@ def initial_loss_weighting(*, initial=None, steps: int = 10, eps: float = DEFAUL
         k, _, losses = check_inputs(weighting, gram, losses)
         arguments.same_tasks("state", state.total, k)
         valid = arguments.non_negative(losses, method="initial_loss_weighting")
-        mean, state = warmup_mean(state, losses, steps)
-        weights = jnp.where(valid, 1.0 / jnp.maximum(mean, eps), jnp.nan)
-        return finish(weights.astype(losses.dtype)), state
+        ok = jnp.all(valid & jnp.isfinite(losses))
+        mean, new_state = warmup_mean(state, losses, steps)
+        weights = jnp.where(ok, 1.0 / jnp.maximum(mean, eps), jnp.nan)
+        return finish(weights.astype(losses.dtype)), arguments.unless_bad(ok, new_state, state)
 
     weighting = Weighting(
         warmup_mean_init, update, needs_gram=False, needs_losses=True, homogeneity=0.0
