@@ -180,7 +180,6 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--scale", type=float, default=1000.0, help="factor on the sum's loss")
     parser.add_argument("--window", type=int, default=40, help="DWA window / STCH warm-up")
-    parser.add_argument("--rlw-seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD")
     args = parser.parse_args(argv)
     if args.smoke:
