@@ -2,9 +2,10 @@
 
 The total loss is ``Σ_i w_i L_i``. A task whose loss is measured in other units (a squared
 error in millimetres instead of metres, a loss multiplied by 1000) should not dominate the
-update just because its numbers are bigger. Each weighting here makes the total invariant
-to rescaling one task's loss (``L_i → c·L_i``, ``c > 0``), by dividing by a reference that
-scales with it:
+update just because its numbers are bigger. The weightings here divide each loss by a
+reference that scales with it, so the update is invariant to rescaling one task's loss
+(``L_i → c·L_i``, ``c > 0``; the generalized mean only at γ = 0, and a given reference
+only if it is given for the rescaled loss):
 
 * **initial loss** ``w_i = 1/L_i^init``: the loss at the start of training, either known
   from theory (:func:`cross_entropy_initial_loss`, :func:`squared_error_initial_loss`) or
