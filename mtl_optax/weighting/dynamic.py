@@ -47,6 +47,8 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
         more uniform.
       window: steps per averaging window (default 100; the paper averages over an epoch).
       eps: window means below ``eps`` count as ``eps`` (zero losses give finite weights).
+        The losses are expected to be positive, as in the paper (the ratio is a descent
+        rate); torchjd also accepts consistently negative losses, this version does not.
 
     The weights of a call come from the complete windows before it; the call's losses are
     then added to the current window. Until two windows are complete ``w = 1``.
