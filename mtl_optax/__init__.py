@@ -22,5 +22,28 @@ from mtl_optax.weighting import (
     primary_auxiliary,
     sum_weighting,
 )
+from mtl_optax.weighting.dynamic import DWAState, dwa, stch
+from mtl_optax.weighting.learned import (
+    FAMOState,
+    GradNormState,
+    LogScaleState,
+    famo,
+    gradnorm,
+    imtl_l,
+    uncertainty_weighting,
+)
+from mtl_optax.weighting.loss_scale import (
+    WarmupMeanState,
+    cross_entropy_initial_loss,
+    cross_entropy_prior_loss,
+    generalized_mean,
+    geometric_mean,
+    initial_loss_weighting,
+    prior_loss_weighting,
+    real_time_weighting,
+    squared_error_initial_loss,
+    squared_error_prior_loss,
+)
+from mtl_optax.weighting.randomized import RandomWeightingState, random_weighting, rlw
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ each direct aggregator on stacked gradients to ``STACKED`` (name -> ``factory(nu
 -> optax.GradientTransformation``); the property, vmap and checkpoint tests pick them up.
 """
 
+import jax
 import numpy as np
 
 import mtl_optax as mtl
@@ -18,6 +19,20 @@ WEIGHTINGS = {
     "mgda_l2": lambda k: mtl.mgda(normalization="l2"),
     "mgda_frank_wolfe": lambda k: mtl.mgda(solver="frank_wolfe"),
     "primary_auxiliary": lambda k: mtl.primary_auxiliary(primary=0),
+    "initial_loss": lambda k: mtl.initial_loss_weighting(steps=3),
+    "initial_loss_given": lambda k: mtl.initial_loss_weighting(initial=np.arange(1.0, k + 1.0)),
+    "prior_loss": lambda k: mtl.prior_loss_weighting(np.linspace(0.5, 2.0, k)),
+    "real_time": lambda k: mtl.real_time_weighting(),
+    "generalized_mean": lambda k: mtl.generalized_mean(gamma=2.0),
+    "generalized_mean_max": lambda k: mtl.generalized_mean(gamma=np.inf),
+    "geometric_mean": lambda k: mtl.geometric_mean(),
+    "uncertainty": lambda k: mtl.uncertainty_weighting(),
+    "imtl_l": lambda k: mtl.imtl_l(),
+    "gradnorm": lambda k: mtl.gradnorm(),
+    "famo": lambda k: mtl.famo(),
+    "dwa": lambda k: mtl.dwa(window=2),
+    "stch": lambda k: mtl.stch(warmup=2),
+    "random": lambda k: mtl.random_weighting(key=jax.random.PRNGKey(0)),
 }
 
 STACKED = {}

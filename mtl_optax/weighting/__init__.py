@@ -2,8 +2,31 @@
 
 from mtl_optax.weighting.base import EmptyWeightingState, Weighting
 from mtl_optax.weighting.basic import constant_weighting, mean_weighting, sum_weighting
+from mtl_optax.weighting.dynamic import DWAState, dwa, stch
+from mtl_optax.weighting.learned import (
+    FAMOState,
+    GradNormState,
+    LogScaleState,
+    famo,
+    gradnorm,
+    imtl_l,
+    uncertainty_weighting,
+)
+from mtl_optax.weighting.loss_scale import (
+    WarmupMeanState,
+    cross_entropy_initial_loss,
+    cross_entropy_prior_loss,
+    generalized_mean,
+    geometric_mean,
+    initial_loss_weighting,
+    prior_loss_weighting,
+    real_time_weighting,
+    squared_error_initial_loss,
+    squared_error_prior_loss,
+)
 from mtl_optax.weighting.min_norm import MinNormState, mgda, primary_auxiliary
 from mtl_optax.weighting.normalized import gradient_normalized
+from mtl_optax.weighting.randomized import RandomWeightingState, random_weighting, rlw
 
 __all__ = [
     "EmptyWeightingState",
@@ -15,4 +38,27 @@ __all__ = [
     "mgda",
     "primary_auxiliary",
     "sum_weighting",
+    "DWAState",
+    "dwa",
+    "stch",
+    "FAMOState",
+    "GradNormState",
+    "LogScaleState",
+    "famo",
+    "gradnorm",
+    "imtl_l",
+    "uncertainty_weighting",
+    "WarmupMeanState",
+    "cross_entropy_initial_loss",
+    "cross_entropy_prior_loss",
+    "generalized_mean",
+    "geometric_mean",
+    "initial_loss_weighting",
+    "prior_loss_weighting",
+    "real_time_weighting",
+    "squared_error_initial_loss",
+    "squared_error_prior_loss",
+    "RandomWeightingState",
+    "random_weighting",
+    "rlw",
 ]
