@@ -869,3 +869,27 @@ def test_empty_batch_gives_empty_losses(mode):
         assert out.shape == (0,) and out.dtype == jnp.float32
     priors = wrap(lambda y: L.class_priors(y, num_classes=3))(none)
     np.testing.assert_array_equal(priors, np.zeros(3))
+
+
+GRAD_CASES = {
+    "info_nce": lambda x, y: L.info_nce(jnp.pad(x, ((0, 0), (0, 2))), y),
+    "cosface": lambda x, y: L.cosface_loss(jnp.tanh(x), y),
+    "sphereface": lambda x, y: L.sphereface_loss(jnp.tanh(x), y),
+    "logit_adjusted": lambda x, y: L.logit_adjusted_cross_entropy(x, y, class_priors=PRIORS),
+    "focal": lambda x, y: L.softmax_focal_loss(x, y),
+    "ldam": lambda x, y: L.ldam_loss(x, y, class_counts=COUNTS),
+    "rdrop": lambda x, y: L.rdrop_loss(x, 2.0 * x, y),
+}
+
+
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_bad_traced_label_makes_its_gradient_nan(name):
+    """The NaN reaches the gradient of the bad example only (a masked NaN would not)."""
+    fn = GRAD_CASES[name]
+    grad = jax.jit(jax.grad(lambda x, y: jnp.sum(fn(x, y))))(LOGITS, LABELS.at[1].set(-2))
+    np.testing.assert_array_equal(np.isnan(grad).any(axis=1), [False, True, False, False])
+    np.testing.assert_allclose(
+        np.delete(grad, 1, axis=0),
+        np.delete(jax.grad(lambda x: jnp.sum(fn(x, LABELS)))(LOGITS), 1, axis=0),
+        rtol=1e-6,
+    )
