@@ -20,7 +20,9 @@ import pytest
 NUM_DEVICES = 4
 FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 
-if os.environ.get("MTL_OPTAX_MULTIDEVICE") != "1":
+ENABLED = os.environ.get("MTL_OPTAX_MULTIDEVICE") == "1"
+
+if not ENABLED:
     collect_ignore_glob = ["test_*.py"]
 else:
     if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get(
@@ -35,3 +37,10 @@ else:
             f"XLA_FLAGS={FLAG} before jax is imported (run them in a fresh process, as "
             "tests/test_multidevice.py does)."
         )
+
+
+def pytest_report_header(config):
+    """Shown when this directory is named on the command line (``pytest tests/multidevice``)."""
+    if not ENABLED:
+        return "tests/multidevice: not collected; set MTL_OPTAX_MULTIDEVICE=1 (see its conftest.py)"
+    return f"tests/multidevice: {jax.device_count()} devices"
