@@ -190,7 +190,8 @@ def f1_weighted_binary_cross_entropy(logits, labels, *, where=None, axis=None, e
     Entries with ``where`` False give 0. ``labels`` are 0/1 (bool, int or float; soft
     labels in [0, 1] also work). Labels outside ``[0, 1]`` (e.g. ±1 labels, which would
     give negative losses) or NaN are a ``ValueError`` when concrete; under ``jit`` they
-    make the whole result NaN (``F`` couples all entries). ``eps > 0``.
+    make the whole result NaN (``F`` couples all entries). Entries where ``where`` is
+    False are not checked. ``eps > 0``.
 
     Oracle: ``tests/losses/test_imbalance.py::test_f1_weighted_bce_matches_numpy``.
     """
