@@ -3,7 +3,8 @@
 Every tier runs a few SGD steps (SGD, not Adam, so a gradient off by a
 constant factor is caught) on the tiny shared-trunk model of ``tests/models.py``:
 tier 1 (``mean_weighting``) and tier 2 (``mgda``) through ``weighted_value_and_grad``,
-tier 3 through ``value_and_jacobian`` (strategies ``map`` and ``vmap``) and
+tier 3 through ``value_and_jacobian`` (strategies ``map`` and ``vmap``, and ``chunked`` in
+shard_map) and
 ``aggregate(mgda())``. The sharded runs are compared with the same steps on one device, to
 float32 reassociation tolerance (the reductions are split across devices).
 """
@@ -184,10 +185,11 @@ def global_heads(params, z, batch):
     return jax.lax.pmean(models.heads(params, z, batch), "data")
 
 
-@pytest.mark.parametrize("strategy", ["map", "vmap"])
+@pytest.mark.parametrize("strategy", ["map", "vmap", "chunked"])
 def test_shard_map_tier3_equals_one_device(mesh, strategy):
     """Losses averaged over devices inside the function: the Jacobian is the global one."""
-    jacobian = mtl.value_and_jacobian(global_task_losses, strategy=strategy)
+    chunk_size = 2 if strategy == "chunked" else None
+    jacobian = mtl.value_and_jacobian(global_task_losses, strategy=strategy, chunk_size=chunk_size)
 
     def local(params, batch):
         losses, task_grads = jacobian(params, batch)
@@ -205,7 +207,8 @@ def test_shard_map_tier3_equals_one_device(mesh, strategy):
 
     params, batch = problem()
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    assert_trees_close(train(opt.init, step, params, batch), one_device(f"tier3-mgda-{strategy}"))
+    reference = one_device("tier3-mgda-map" if strategy == "chunked" else f"tier3-mgda-{strategy}")
+    assert_trees_close(train(opt.init, step, params, batch), reference)
 
 
 def test_shard_map_tier1_equals_one_device(mesh):
