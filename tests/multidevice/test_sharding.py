@@ -3,10 +3,10 @@
 Every tier runs a few SGD steps (SGD, not Adam, so a gradient off by a
 constant factor is caught) on the tiny shared-trunk model of ``tests/models.py``:
 tier 1 (``mean_weighting``) and tier 2 (``mgda``) through ``weighted_value_and_grad``,
-tier 3 through ``value_and_jacobian`` (strategies ``map`` and ``vmap``, and ``chunked`` in
-shard_map) and
-``aggregate(mgda())``. The sharded runs are compared with the same steps on one device, to
-float32 reassociation tolerance (the reductions are split across devices).
+tier 3 through ``value_and_jacobian`` (strategies ``map`` and ``vmap``, and ``chunked``
+inside shard_map) and ``aggregate(mgda())``. The sharded runs are compared with the same
+steps on one device, to float32 reassociation tolerance (the reductions are split across
+devices).
 """
 
 import functools
