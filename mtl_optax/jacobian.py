@@ -105,7 +105,9 @@ def value_and_jacobian(
                 f"`task_losses_fn` must return a 1-D array of K task losses, got shape "
                 f"{jnp.shape(losses)}."
             )
-        cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
+        # Adding zeros_like(losses) gives the basis the losses' type, including its
+        # variation over shard_map mesh axes (a plain eye would be rejected by the vjp).
+        cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype) + jnp.zeros_like(losses)
 
         def one_task(cotangent):
             return vjp(cotangent)[0]

@@ -1,4 +1,4 @@
-"""Weight decay as a constraint: a tuning-free GradientTransformation (DESIGN.md 3.3).
+"""Weight decay as a constraint: a tuning-free GradientTransformation.
 
 Primary/auxiliary projection with the loss gradient ``g`` as primary and the auxiliary
 ``½‖θ‖²`` (gradient ``θ``): the update ``u = g + λθ`` with the one-auxiliary closed form
@@ -6,8 +6,13 @@ Primary/auxiliary projection with the loss gradient ``g`` as primary and the aux
 weight norm does not grow (``⟨u, θ⟩ ≥ 0``; descent moves by ``−u``). Unlike weight decay it
 has no coefficient: it acts only when the loss gradient would grow the weights.
 
-Checked in ``tests/test_weight_decay.py``: the KKT conditions and equality with
-``primary_auxiliary`` on the Gram of ``(g, θ)``.
+Bad inputs: ``update`` needs ``params`` with the structure and leaf shapes of the updates,
+and the weight leaves (those the mask selects) must be floating; anything else is a
+``ValueError`` naming the leaf, at trace time. NaN or inf in the masked updates or weights
+makes all masked updates NaN (``λ`` is NaN), which ``optax.apply_if_finite`` catches.
+
+Checked in ``tests/test_weight_decay.py``: the KKT conditions, equality with
+``primary_auxiliary`` on the Gram of ``(g, θ)`` and the bad inputs above.
 """
 
 from __future__ import annotations
@@ -39,16 +44,41 @@ def weight_decay_constraint(*, mask=None) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("weight_decay_constraint needs `params` in update().")
-        use = resolve_mask(mask, params, name="mask")
         g_leaves, treedef = jax.tree_util.tree_flatten(updates)
-        p_leaves = treedef.flatten_up_to(params)
+        p_leaves, p_treedef = jax.tree_util.tree_flatten(params)
+        if p_treedef != treedef:
+            raise ValueError(
+                "weight_decay_constraint: `params` and the updates have different structures:"
+                f"\n{p_treedef}\nvs\n{treedef}"
+            )
+        use = resolve_mask(mask, params, name="mask")
+        names = [
+            jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)
+        ]
+        for name, u, g, p in zip(names, use, g_leaves, p_leaves):
+            if jnp.shape(g) != jnp.shape(p):
+                raise ValueError(
+                    f"weight_decay_constraint: leaf {name or '<root>'} has update shape "
+                    f"{jnp.shape(g)} but parameter shape {jnp.shape(p)}."
+                )
+            if u and not (
+                jnp.issubdtype(jnp.result_type(g), jnp.floating)
+                and jnp.issubdtype(jnp.result_type(p), jnp.floating)
+            ):
+                raise ValueError(
+                    f"weight_decay_constraint: leaf {name or '<root>'} is selected as a weight "
+                    f"but has dtype {jnp.result_type(p)} (update {jnp.result_type(g)}); exclude "
+                    "non-floating leaves with `mask`."
+                )
 
         def dot(a, b):
             return jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32), precision=HIGHEST)
 
         inner = sum(dot(g, p) for u, g, p in zip(use, g_leaves, p_leaves) if u)
         norm2 = sum(dot(p, p) for u, p in zip(use, p_leaves) if u)
-        lam = jnp.where(norm2 > 0, jax.nn.relu(-inner) / jnp.where(norm2 > 0, norm2, 1.0), 0.0)
+        # θ = 0: λ = 0. A NaN norm (NaN weights) is not 0, so λ is NaN and so is every update.
+        zero = norm2 == 0
+        lam = jnp.where(zero, 0.0, jax.nn.relu(-inner) / jnp.where(zero, 1.0, norm2))
         out = [
             (g + lam * p.astype(jnp.float32)).astype(g.dtype) if u else g
             for u, g, p in zip(use, g_leaves, p_leaves)

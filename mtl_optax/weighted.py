@@ -66,12 +66,14 @@ def weighted_value_and_grad(
             )
         feature_grads = None
         if weighting.needs_gram:
-            eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
+            # zeros_like(losses): the basis varies over shard_map mesh axes like the losses.
+            eye = jnp.eye(losses.shape[0], dtype=losses.dtype) + jnp.zeros_like(losses)
             feature_grads = jax.vmap(lambda e: heads_vjp(e)[1])(eye)
         weights, weighting_state = weights_from_gradients(
             weighting, feature_grads, losses, weighting_state, **extra
         )
-        head_grads, z_cotangent = heads_vjp(weights.astype(losses.dtype))
+        # Same for the weights: constant (tier 1) or device-local weights match the losses' type.
+        head_grads, z_cotangent = heads_vjp(weights.astype(losses.dtype) + jnp.zeros_like(losses))
         (encoder_grads,) = encode_vjp(z_cotangent)
         grads = jax.tree_util.tree_map(jnp.add, head_grads, encoder_grads)
         return WeightedGrads(losses, grads, weighting_state, weights)

@@ -4,6 +4,13 @@ Modules: ``contrastive`` (InfoNCE, FlatNCE, SimCLR scores), ``margin`` (CosFace,
 ArcFace, SphereFace, metric-margin softmax), ``rdrop`` (R-Drop and two-pass helpers),
 ``imbalance`` (logit adjustment, F1-weighted BCE, focal, class-balanced, LDAM) and
 ``flooding`` (flooding, iFlood, gradient penalty, alternating ascent transforms).
+
+Bad inputs, for every function here: a wrong type, dtype or shape is an error at trace
+time (eagerly and under ``jit``) naming the argument and the fix; a wrong value (label
+out of range, non-positive temperature, prior of zero, NaN hyper-parameter, ...) is a
+``ValueError`` when the value is concrete and, under ``jit``, makes the affected losses
+and their gradients NaN, so ``optax.apply_if_finite`` skips the step. NaN data propagates
+as NaN. Checked in ``tests/losses/test_bad_inputs.py``.
 """
 
 from mtl_optax.losses.contrastive import flat_nce, info_nce, simclr_scores

@@ -19,9 +19,15 @@ value is ``−ξ/(1+ξ) ≠ 0``. FlatNCE's gradient, ``softmax over the negative
 (checked against a float64 reference in ``tests/losses/test_contrastive.py``).
 
 Masking: entries equal to ``−inf`` and entries where ``where`` is False are
-excluded from every sum and receive zero gradient, without NaN. Rows whose
-positive is masked are an error (checked when concrete). FlatNCE rows with no
-unmasked negative (``ξ = 0``) return 0 with zero gradient rather than ``−inf``.
+excluded from every sum and receive zero gradient, without NaN. FlatNCE rows with
+no unmasked negative (``ξ = 0``) return 0 with zero gradient rather than ``−inf``.
+
+Bad inputs: a NaN score is *not* a mask — it makes its row's loss NaN (so does
+``+inf``). A row whose positive is masked out, a boolean ``positives`` row without
+exactly one True, or an integer positive outside ``[0, N)`` is a ``ValueError`` when
+the values are concrete and gives a NaN loss for that row under ``jit``/``vmap``; a
+traced ``temperature`` that is not finite and positive gives NaN scores. Checked in
+``tests/losses/test_bad_inputs.py``.
 
 Dtypes: inputs are promoted to at least float32 and the losses are returned in
 that dtype (bfloat16 in → float32 out).
@@ -52,6 +58,7 @@ def _validate(scores, positives, where):
     """Trace-time shape/dtype checks and (when concrete) value checks."""
     scores = C.float_array("scores", scores)
     C.check_min_rank("scores", scores, 1)
+    C.check_nonempty_last_axis("scores", scores)
     n = scores.shape[-1]
     positives = jnp.asarray(positives)
     if positives.dtype == jnp.bool_:
@@ -76,7 +83,7 @@ def _validate(scores, positives, where):
             scores.shape[:-1],
             hint=f"Integer `positives` index the last axis of `scores` {scores.shape}.",
         )
-        positives = C.check_labels("positives", positives, n)
+        positives, _ = C.check_labels("positives", positives, n)  # traced: see _row_ok
         pos_value = C.concrete_value(positives)
         if pos_value is not None:
             pos_value = pos_value[..., None] == np.arange(n)
@@ -85,7 +92,7 @@ def _validate(scores, positives, where):
         C.check_shape("where", where, scores.shape)
     s_value = C.concrete_value(scores)
     if pos_value is not None and s_value is not None:
-        valid = s_value.astype(np.float32) > -np.inf
+        valid = s_value.astype(np.float32) != -np.inf
         w_value = None if where is None else C.concrete_value(where)
         if w_value is not None:
             valid &= w_value
@@ -98,23 +105,33 @@ def _validate(scores, positives, where):
 
 
 def _masks(scores, positives, where):
-    """(promoted scores with masked entries set to 0, positive mask, valid mask)."""
+    """(promoted scores with masked entries set to 0, positive mask, valid mask).
+
+    Only ``−inf`` and ``where=False`` mask an entry; NaN stays valid and propagates.
+    An out-of-range integer positive gives an all-False row of ``pos_mask``.
+    """
     s = C.promote(scores)
     if positives.dtype == jnp.bool_:
         pos_mask = positives
     else:
         pos_mask = jax.nn.one_hot(positives, s.shape[-1], dtype=jnp.bool_)
-    valid = s > -jnp.inf
+    valid = s != -jnp.inf
     if where is not None:
         valid = valid & where
     return jnp.where(valid, s, 0.0), pos_mask, valid
+
+
+def _row_ok(pos_mask, valid):
+    """Exactly one positive per row and it is a valid entry (checked eagerly when concrete)."""
+    return (jnp.sum(pos_mask, axis=-1) == 1) & jnp.any(pos_mask & valid, axis=-1)
 
 
 @jax.jit
 def _info_nce(scores, positives, where):
     s, pos_mask, valid = _masks(scores, positives, where)
     lse = jax.nn.logsumexp(s, axis=-1, where=valid)
-    return lse - jnp.sum(jnp.where(pos_mask, s, 0.0), axis=-1)
+    loss = lse - jnp.sum(jnp.where(pos_mask, s, 0.0), axis=-1)
+    return C.nan_unless(loss, _row_ok(pos_mask, valid))
 
 
 @jax.jit
@@ -124,12 +141,15 @@ def _flat_nce(scores, positives, where):
     has_neg = jnp.any(neg, axis=-1, keepdims=True)
     # A row without negatives sums over the positive only, giving l = 0 exactly.
     lse_neg = jax.nn.logsumexp(s, axis=-1, where=jnp.where(has_neg, neg, pos_mask))
-    return lse_neg - jnp.sum(jnp.where(pos_mask, s, 0.0), axis=-1)
+    loss = lse_neg - jnp.sum(jnp.where(pos_mask, s, 0.0), axis=-1)
+    return C.nan_unless(loss, _row_ok(pos_mask, valid))
 
 
 def _move_axis(scores, positives, where, axis):
     """Moves the candidate ``axis`` last (boolean positives and ``where`` follow it)."""
-    if axis in (-1, None):
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"`axis` must be an int (the candidate axis), got {axis!r}.")
+    if axis == -1:
         return scores, positives, where
     scores = jnp.asarray(scores)
     if not -scores.ndim <= axis < scores.ndim:
@@ -150,13 +170,15 @@ def info_nce(scores, positives, *, where=None, axis: int = -1) -> jax.Array:
       scores: ``(..., N)`` floating scores (e.g. similarities / temperature).
         ``−inf`` entries are treated as masked.
       positives: integer indices ``(...)`` of the positive, or a boolean mask
-        ``(..., N)`` with exactly one True per row (checked when concrete).
+        ``(..., N)`` with exactly one True per row (a ``ValueError`` when concrete, a NaN
+        row under ``jit``).
       where: optional boolean ``(..., N)``; False marks entries that do not exist.
       axis: the candidate axis of ``scores`` (default last); boolean ``positives``
         and ``where`` share it, integer ``positives`` have ``scores``' shape without it.
 
     Returns:
-      ``(...)`` losses (>= 0) in the promoted dtype (>= float32).
+      ``(...)`` losses (>= 0) in the promoted dtype (>= float32); NaN for rows with a
+      NaN score or (under ``jit``) an invalid positive.
 
     Oracle: ``tests/losses/test_contrastive.py::test_values_match_numpy`` (float64
     SciPy ``logsumexp``, with ``where`` and ``−inf`` masks) and ``check_grads``.
@@ -192,8 +214,9 @@ def simclr_scores(z1, z2, *, temperature: float = 0.1, eps: float = 1e-12):
     :func:`flat_nce`; both treat the ``−inf`` diagonal as masked without NaN.
 
     Normalisation is ``z · rsqrt(max(‖z‖², eps))`` so an all-zero embedding gives
-    a zero vector (cosine 0) with finite gradients. ``temperature`` must be > 0
-    (checked when concrete); 0.1 is a common SimCLR default.
+    a zero vector (cosine 0) with finite gradients. ``temperature`` must be finite and
+    > 0 (a ``ValueError`` when concrete, NaN scores when traced); 0.1 is a common SimCLR
+    default.
 
     Returns:
       ``(scores (2B, 2B), positives (2B,) int32)``.
@@ -203,9 +226,14 @@ def simclr_scores(z1, z2, *, temperature: float = 0.1, eps: float = 1e-12):
     z1 = C.float_array("z1", z1)
     z2 = C.float_array("z2", z2)
     C.check_rank("z1", z1, 2)
+    C.check_nonempty_last_axis("z1", z1)
     C.check_shape("z2", z2, z1.shape, hint=f"(`z1` has shape {z1.shape}.)")
-    C.check_positive("temperature", temperature)
-    return _simclr_scores(z1, z2, temperature, eps)
+    ok = C.all_ok(
+        C.check_scalar("temperature", temperature, low=0, low_open=True),
+        C.check_scalar("eps", eps, low=0, low_open=True),
+    )
+    scores, positives = _simclr_scores(z1, z2, temperature, eps)
+    return C.nan_unless(scores, ok), positives
 
 
 @jax.jit

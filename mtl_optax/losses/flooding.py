@@ -8,7 +8,9 @@ r"""Flooding: keep the training loss near a level ``b`` instead of driving it to
 * :func:`flooding` — the same as an ``optax`` transform: multiplies the updates by
   ``sign(value − b)`` where ``value`` is the batch loss passed as
   ``update(..., value=loss)``. Tie: at ``value == b`` the sign is +1; updates
-  are flipped exactly when ``value < b`` (matching ``flood``'s gradient).
+  are flipped exactly when ``value < b`` (matching ``flood``'s gradient). A NaN
+  ``value`` gives NaN updates (never a silent ascent), so ``optax.apply_if_finite``
+  skips the step.
 * :func:`gradient_penalty` — ``L + c‖∇L‖²`` as a new loss function.
 * :func:`alternating_ascent` — a transform alternating a descent step of size
   ``ε₁`` and an ascent step of size ``ε₂``.
@@ -63,25 +65,25 @@ __all__ = [
 ]
 
 
-def _flood(loss, level):
-    loss = C.promote(jnp.asarray(loss))
+def _flood(name, loss, level):
+    loss = C.promote(C.float_array(name, loss))
+    ok = C.check_scalar("level", level, low=0)
     # |L − b| + b, written so the gradient at L == b is +1 (same tie as `flooding`).
-    return jnp.where(loss >= level, loss, 2.0 * level - loss)
+    return C.nan_unless(jnp.where(loss >= level, loss, 2.0 * level - loss), ok)
 
 
 def flood(loss, *, level) -> jax.Array:
     r"""``|L − b| + b`` elementwise; apply it to the batch-mean loss.
 
-    Gradient: ``+∇L`` when ``L ≥ b``, ``−∇L`` when ``L < b``. ``level = b ≥ 0``
-    (checked when concrete). Works on scalars or arrays of any floating dtype;
-    the result is promoted to at least float32 (bfloat16 in → float32 out).
+    Gradient: ``+∇L`` when ``L ≥ b``, ``−∇L`` when ``L < b``. ``level = b`` must be
+    finite and ``≥ 0`` (a ``ValueError`` when concrete; a traced bad level gives NaN).
+    A NaN loss gives NaN. Works on scalars or arrays of any floating dtype; the result
+    is promoted to at least float32 (bfloat16 in → float32 out).
 
     Oracle: ``tests/losses/test_flooding.py::test_flood_and_iflood`` (NumPy formula
     and ``jax.grad`` signs).
     """
-    loss = C.float_array("loss", loss)
-    C.check_positive("level", level, allow_zero=True)
-    return _flood(loss, level)
+    return _flood("loss", loss, level)
 
 
 def iflood(per_example_losses, *, level) -> jax.Array:
@@ -90,9 +92,7 @@ def iflood(per_example_losses, *, level) -> jax.Array:
     Unlike :func:`flood` on the mean, each example is reversed separately once its
     own loss is below ``b``. Oracle: ``tests/losses/test_flooding.py::test_flood_and_iflood``.
     """
-    per_example_losses = C.float_array("per_example_losses", per_example_losses)
-    C.check_positive("level", level, allow_zero=True)
-    return _flood(per_example_losses, level)
+    return _flood("per_example_losses", per_example_losses, level)
 
 
 class FloodingState(NamedTuple):
@@ -111,10 +111,15 @@ def flooding(*, level) -> optax.GradientTransformationExtraArgs:
     first, so the optimizer sees the flooded gradient (equivalent to differentiating
     :func:`flood` of the loss).
 
+    ``value`` must be a real scalar (a bool or a non-scalar is an error). A NaN
+    ``value`` (or a traced level that is not finite and ``≥ 0``) gives NaN updates, which
+    ``optax.apply_if_finite`` skips, instead of picking a direction.
+
     Oracle: ``tests/losses/test_flooding.py::test_flooding_transform_flips_below_level``
-    and the descent/ascent-versus-‖∇L‖² check on a quadratic.
+    and the descent/ascent-versus-‖∇L‖² check on a quadratic; bad inputs in
+    ``tests/losses/test_bad_inputs.py``.
     """
-    C.check_positive("level", level, allow_zero=True)
+    level_ok = C.check_scalar("level", level, low=0)
 
     def init_fn(params):
         del params
@@ -128,11 +133,15 @@ def flooding(*, level) -> optax.GradientTransformationExtraArgs:
                 "loss), e.g. opt.update(grads, state, params, value=loss)."
             )
         value = jnp.asarray(value)
+        if value.dtype == jnp.bool_ or not jnp.issubdtype(value.dtype, jnp.number):
+            raise TypeError(f"`value` must be the real scalar batch loss, got dtype {value.dtype}.")
         try:
             chex.assert_shape(value, ())
         except AssertionError as err:
             raise ValueError(f"`value` must be a scalar loss, got shape {value.shape}.") from err
-        sign = jnp.where(value >= level, 1.0, -1.0)
+        # NaN value (or level): neither comparison holds, so the sign is NaN, not -1.
+        sign = jnp.where(value >= level, 1.0, jnp.where(value < level, -1.0, jnp.nan))
+        sign = C.nan_unless(sign, level_ok)
         updates = jax.tree.map(lambda u: (sign * u).astype(u.dtype), updates)
         return updates, FloodingState(count=optax.safe_increment(state.count))
 
@@ -143,18 +152,22 @@ def gradient_penalty(loss_fn, *, coefficient):
     r"""Returns ``(params, *args) ↦ L(params, *args) + c·‖∇_params L(params, *args)‖²``.
 
     ``‖·‖²`` is the squared L2 norm over all leaves of the params pytree.
-    ``loss_fn`` must return a scalar. Differentiating the result needs second
-    derivatives (Hessian–vector products), which JAX provides.
+    ``loss_fn`` must return a scalar (``jax.grad`` says so otherwise). ``coefficient = c``
+    finite and ``≥ 0`` (a ``ValueError`` when concrete, a NaN result when traced).
+    Differentiating the result needs second derivatives (Hessian–vector products), which
+    JAX provides.
 
     Oracle: ``tests/losses/test_flooding.py::test_gradient_penalty_matches_closed_form``
     (quadratic: ``∇L = Aθ − b``, penalty gradient ``2A(Aθ − b)``).
     """
-    C.check_positive("coefficient", coefficient, allow_zero=True)
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be a function params -> scalar loss, got {loss_fn!r}.")
+    ok = C.check_scalar("coefficient", coefficient, low=0)
 
     def penalised(params, *args):
         value, grads = jax.value_and_grad(loss_fn)(params, *args)
         sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
-        return value + coefficient * sq
+        return C.nan_unless(value + coefficient * sq, ok)
 
     return penalised
 
@@ -172,13 +185,16 @@ def alternating_ascent(*, descent_rate, ascent_rate) -> optax.GradientTransforma
     steps with ``ε₁ > ε₂`` approximate one gradient step of size ``ε₁ − ε₂`` on
     ``L + ε₁ε₂/(2(ε₁ − ε₂))‖∇L‖²``; with ``ε₁ = ε₂ = ε`` one step on ``‖∇L‖²`` with
     rate ``ε²/2`` (see the module docstring). ``descent_rate > 0``,
-    ``ascent_rate ≥ 0`` (checked when concrete).
+    ``ascent_rate ≥ 0``, both finite (a ``ValueError`` when concrete, NaN updates when
+    traced).
 
     Oracle: ``tests/losses/test_flooding.py::test_alternating_matches_penalty``
     (exact on a quadratic, error ``O(ε³)`` on a non-quadratic loss).
     """
-    C.check_positive("descent_rate", descent_rate)
-    C.check_positive("ascent_rate", ascent_rate, allow_zero=True)
+    ok = C.all_ok(
+        C.check_scalar("descent_rate", descent_rate, low=0, low_open=True),
+        C.check_scalar("ascent_rate", ascent_rate, low=0),
+    )
 
     def init_fn(params):
         del params
@@ -186,7 +202,7 @@ def alternating_ascent(*, descent_rate, ascent_rate) -> optax.GradientTransforma
 
     def update_fn(updates, state, params=None):
         del params
-        factor = jnp.where(state.count % 2 == 0, -descent_rate, ascent_rate)
+        factor = C.nan_unless(jnp.where(state.count % 2 == 0, -descent_rate, ascent_rate), ok)
         updates = jax.tree.map(lambda u: (factor * u).astype(u.dtype), updates)
         return updates, AlternatingAscentState(count=optax.safe_increment(state.count))
 

@@ -6,7 +6,7 @@ and reweighting (class-balanced weights).
   not both (that adjusts twice). ``prior_bias_init`` gives the bias ``τ log π``
   for a final layer so that the initial softmax matches the priors. ``τ = 1`` is
   the Fisher-consistent choice for balanced error.
-* F1-weighted binary CE (design 3.7): with the batch smooth-F1
+* F1-weighted binary CE: with the batch smooth-F1
   ``F = sg(2 Σ y p / Σ (y + p))``, ``−[y(1 − F/2) log p + (1 − y)(F/2) log(1 − p)]``,
   computed from logits with ``log_sigmoid`` (stable for large |logit|).
 * Softmax focal loss (Lin et al., 2017, "Focal Loss for Dense Object Detection"):
@@ -54,8 +54,10 @@ __all__ = [
 
 
 def _check_priors(class_priors, num_classes=None):
+    """Floating ``(C,)``, every prior finite and > 0. Returns ``(priors, ok)``."""
     class_priors = C.float_array("class_priors", class_priors)
     C.check_rank("class_priors", class_priors, 1)
+    C.check_nonempty_last_axis("class_priors", class_priors)
     if num_classes is not None:
         C.check_shape(
             "class_priors",
@@ -63,13 +65,22 @@ def _check_priors(class_priors, num_classes=None):
             (num_classes,),
             hint=f"(one prior per class; logits have {num_classes} classes.)",
         )
-    C.check_positive("class_priors", class_priors)
-    return class_priors
+    return class_priors, C.check_array_values("class_priors", class_priors, positive=True)
 
 
 def _check_counts(class_counts, num_classes=None):
+    """Real ``(C,)`` counts, finite and >= 0, at least one > 0. Returns ``(counts, ok)``."""
     class_counts = jnp.asarray(class_counts)
+    if class_counts.dtype == jnp.bool_ or not (
+        jnp.issubdtype(class_counts.dtype, jnp.integer)
+        or jnp.issubdtype(class_counts.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"`class_counts` must be an integer or floating array of counts, got dtype "
+            f"{class_counts.dtype}."
+        )
     C.check_rank("class_counts", class_counts, 1)
+    C.check_nonempty_last_axis("class_counts", class_counts)
     if num_classes is not None:
         C.check_shape(
             "class_counts",
@@ -77,23 +88,32 @@ def _check_counts(class_counts, num_classes=None):
             (num_classes,),
             hint=f"(one count per class; logits have {num_classes} classes.)",
         )
-    C.check_positive("class_counts", class_counts, allow_zero=True)
-    return class_counts
+    ok = C.check_array_values("class_counts", class_counts, positive=False)
+    value = C.concrete_value(class_counts)
+    if value is None:
+        ok = ok & jnp.any(class_counts > 0)
+    elif not np.any(value > 0):
+        raise ValueError("`class_counts` must contain at least one positive count.")
+    return class_counts, ok
+
+
+def _check_tau(tau):
+    return C.check_scalar("tau", tau, low=0)
 
 
 def class_priors(labels, *, num_classes: int) -> jax.Array:
     r"""Class frequencies ``n_c / n`` of integer ``labels`` (any shape), float32 ``(C,)``.
 
     Zero-count classes get prior 0 — pass a smoothed version (e.g. ``(n_c + 1)/(n + C)``)
-    to the logit-adjustment functions, which require positive priors.
+    to the logit-adjustment functions, which require positive priors. Traced labels
+    outside ``[0, C)`` make every prior NaN (concrete ones raise).
 
     Oracle: ``tests/losses/test_imbalance.py::test_class_priors_and_logit_adjustment``
     (``np.bincount``).
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive int, got {num_classes!r}.")
-    labels = C.check_labels("labels", labels, num_classes)
-    return _class_priors(labels, num_classes)
+    C.check_static_int("num_classes", num_classes)
+    labels, ok = C.check_labels("labels", labels, num_classes)
+    return C.nan_unless(_class_priors(labels, num_classes), jnp.all(ok))
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -112,42 +132,53 @@ def _logit_adjusted(logits, labels, class_priors, tau):
 def logit_adjusted_cross_entropy(logits, labels, *, class_priors, tau: float = 1.0):
     r"""``CE(logits + τ log π, y)`` per example (logit-adjusted loss).
 
-    ``class_priors`` ``(C,)`` must be positive (checked when concrete); they need not
-    sum to 1 (a constant shift cancels in the softmax). Predict with the raw logits
+    ``class_priors`` ``(C,)`` must be finite and positive; they need not sum to 1 (a
+    constant shift cancels in the softmax). ``tau ≥ 0`` (0 is plain cross-entropy).
+    Bad values raise when concrete; under ``jit`` a bad prior or ``tau`` makes every loss
+    NaN and an out-of-range label its example's loss. Predict with the raw logits
     afterwards — do not also apply :func:`posthoc_logit_adjustment`.
 
     Oracle: ``tests/losses/test_imbalance.py::test_class_priors_and_logit_adjustment``.
     """
-    logits, labels = C.check_labelled_logits(logits, labels)
-    class_priors = _check_priors(class_priors, logits.shape[-1])
-    return _logit_adjusted(logits, labels, class_priors, tau)
+    logits, labels, labels_ok = C.check_labelled_logits(logits, labels)
+    class_priors, priors_ok = _check_priors(class_priors, logits.shape[-1])
+    ok = C.all_ok(labels_ok, priors_ok, _check_tau(tau))
+    return C.nan_unless(_logit_adjusted(logits, labels, class_priors, tau), ok)
 
 
 def posthoc_logit_adjustment(logits, *, class_priors, tau: float = 1.0) -> jax.Array:
     r"""Adjusted logits ``logits − τ log π`` for prediction after plain-CE training.
 
+    Priors and ``tau`` as in :func:`logit_adjusted_cross_entropy` (NaN under ``jit``
+    when invalid).
+
     Oracle: ``tests/losses/test_imbalance.py::test_class_priors_and_logit_adjustment``.
     """
     logits = C.float_array("logits", logits)
     C.check_min_rank("logits", logits, 1)
-    class_priors = _check_priors(class_priors, logits.shape[-1])
-    return C.promote(logits) - tau * jnp.log(C.promote(class_priors))
+    class_priors, priors_ok = _check_priors(class_priors, logits.shape[-1])
+    ok = C.all_ok(priors_ok, _check_tau(tau))
+    return C.nan_unless(C.promote(logits) - tau * jnp.log(C.promote(class_priors)), ok)
 
 
 def prior_bias_init(class_priors, *, tau: float = 1.0) -> jax.Array:
     r"""Bias initialisation ``τ log π`` (``(C,)``) for the final layer.
 
+    Priors need not sum to 1: ``softmax`` of the bias is ``π / Σπ`` for ``τ = 1``.
+
     Oracle: ``tests/losses/test_imbalance.py::test_class_priors_and_logit_adjustment``
     (softmax of the bias equals the normalised priors for ``τ = 1``).
     """
-    class_priors = _check_priors(class_priors)
-    return tau * jnp.log(C.promote(class_priors))
+    class_priors, priors_ok = _check_priors(class_priors)
+    ok = C.all_ok(priors_ok, _check_tau(tau))
+    return C.nan_unless(tau * jnp.log(C.promote(class_priors)), ok)
 
 
 def _reduce_axes(ndim, axis):
+    C.check_axis("axis", axis, ndim)
     if axis is None:
         return tuple(range(ndim))
-    return tuple(np.atleast_1d(axis).tolist())
+    return tuple(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
 
 
 def f1_weighted_binary_cross_entropy(logits, labels, *, where=None, axis=None, eps=1e-12):
@@ -157,18 +188,44 @@ def f1_weighted_binary_cross_entropy(logits, labels, *, where=None, axis=None, e
     over ``axis`` (default: all axes, i.e. the batch) and over entries where
     ``where`` is True; loss ``−[y(1 − F/2) log σ(x) + (1 − y)(F/2) log σ(−x)]``.
     Entries with ``where`` False give 0. ``labels`` are 0/1 (bool, int or float; soft
-    labels in [0, 1] also work).
+    labels in [0, 1] also work). Labels outside ``[0, 1]`` (e.g. ±1 labels, which would
+    give negative losses) or NaN are a ``ValueError`` when concrete; under ``jit`` they
+    make the whole result NaN (``F`` couples all entries). Entries where ``where`` is
+    False are not checked. ``eps > 0``.
 
     Oracle: ``tests/losses/test_imbalance.py::test_f1_weighted_bce_matches_numpy``.
     """
     logits = C.float_array("logits", logits)
     labels = jnp.asarray(labels)
+    if not (
+        labels.dtype == jnp.bool_
+        or jnp.issubdtype(labels.dtype, jnp.integer)
+        or jnp.issubdtype(labels.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"`labels` must be 0/1 labels (bool, int or float), got dtype {labels.dtype}."
+        )
     C.check_shape("labels", labels, logits.shape, hint="(one 0/1 label per logit.)")
     if where is not None:
         where = C.bool_array("where", where)
         C.check_shape("where", where, logits.shape)
     axes = _reduce_axes(logits.ndim, axis)
-    return _f1_bce(logits, labels, where, axes, eps)
+    eps_ok = C.check_scalar("eps", eps, low=0, low_open=True)
+    in_range = (labels >= 0) & (labels <= 1)  # False for NaN
+    if where is not None:
+        in_range = in_range | ~where
+    value = C.concrete_value(in_range)
+    if value is None:
+        labels_ok = jnp.all(in_range)
+    elif not np.all(value):
+        bad = np.asarray(labels)[~value]
+        raise ValueError(
+            f"`labels` must lie in [0, 1] (0/1 or soft labels), got e.g. {bad[:3].tolist()}; "
+            "map ±1 labels with (labels + 1) / 2."
+        )
+    else:
+        labels_ok = True
+    return C.nan_unless(_f1_bce(logits, labels, where, axes, eps), C.all_ok(eps_ok, labels_ok))
 
 
 def _f1_bce_impl(logits, labels, where, axes, eps):
@@ -206,13 +263,14 @@ def softmax_focal_loss(logits, labels, *, gamma: float = 2.0) -> jax.Array:
 
     ``1 − p_y`` is computed as ``−expm1(log p_y)`` (accurate when ``p_y → 1``);
     at ``p_y = 1`` the weight is ``0^γ`` (1 for ``γ = 0``) with a finite gradient.
-    ``γ ≥ 0``, default 2 (paper); ``γ = 0`` is plain cross-entropy.
+    ``γ ≥ 0``, default 2 (paper); ``γ = 0`` is plain cross-entropy. Bad values raise
+    when concrete and give NaN under ``jit`` (per example for a label).
 
     Oracle: ``tests/losses/test_imbalance.py::test_focal_matches_numpy``.
     """
-    logits, labels = C.check_labelled_logits(logits, labels)
-    C.check_positive("gamma", gamma, allow_zero=True)
-    return _focal(logits, labels, gamma)
+    logits, labels, labels_ok = C.check_labelled_logits(logits, labels)
+    ok = C.all_ok(labels_ok, C.check_scalar("gamma", gamma, low=0))
+    return C.nan_unless(_focal(logits, labels, gamma), ok)
 
 
 @jax.jit
@@ -233,18 +291,14 @@ def class_balanced_weights(class_counts, *, beta: float = 0.9999) -> jax.Array:
     weight 0 (they never occur as a label, so their weight is unused) and the
     present classes are normalised so all ``C`` weights still sum to ``C``.
     ``β ∈ [0, 1)``: ``β = 0`` gives equal weights, ``β → 1`` inverse frequency;
-    default 0.9999 (paper). Returns float32 ``(C,)``.
+    default 0.9999 (paper). Returns float32 ``(C,)``. Negative, NaN or all-zero counts
+    and ``β`` outside ``[0, 1)`` raise when concrete and give NaN weights under ``jit``.
 
     Oracle: ``tests/losses/test_imbalance.py::test_class_balanced_weights_matches_numpy``.
     """
-    class_counts = _check_counts(class_counts)
-    value = C.concrete_value(jnp.asarray(beta))
-    if value is not None and not (0.0 <= float(value) < 1.0):
-        raise ValueError(f"`beta` must lie in [0, 1), got {float(value)!r}.")
-    value = C.concrete_value(class_counts)
-    if value is not None and not np.any(value > 0):
-        raise ValueError("`class_counts` must contain at least one positive count.")
-    return _class_balanced(class_counts, jnp.asarray(beta, jnp.float32))
+    class_counts, counts_ok = _check_counts(class_counts)
+    ok = C.all_ok(counts_ok, C.check_scalar("beta", beta, low=0, high=1, high_open=True))
+    return C.nan_unless(_class_balanced(class_counts, jnp.asarray(beta, jnp.float32)), ok)
 
 
 @jax.jit
@@ -265,12 +319,18 @@ def ldam_loss(logits, labels, *, class_counts, max_margin: float = 0.5, scale: f
 
     ``Δ_c ∝ n_c^{−1/4}`` scaled so the rarest present class has ``max_margin``
     (0.5, paper); zero-count classes get ``max_margin`` (they are never targets).
-    ``logits`` are typically cosine logits; ``scale = 30`` as in the paper.
+    ``logits`` are typically cosine logits; ``scale = 30`` as in the paper. Counts as in
+    :func:`class_balanced_weights`; ``max_margin ≥ 0``, ``scale > 0``. Bad values raise
+    when concrete and give NaN under ``jit``.
 
     Oracle: ``tests/losses/test_imbalance.py::test_ldam_matches_numpy``.
     """
-    logits, labels = C.check_labelled_logits(logits, labels)
-    class_counts = _check_counts(class_counts, logits.shape[-1])
-    C.check_positive("max_margin", max_margin, allow_zero=True)
-    C.check_positive("scale", scale)
-    return _ldam(logits, labels, class_counts, max_margin, scale)
+    logits, labels, labels_ok = C.check_labelled_logits(logits, labels)
+    class_counts, counts_ok = _check_counts(class_counts, logits.shape[-1])
+    ok = C.all_ok(
+        labels_ok,
+        counts_ok,
+        C.check_scalar("max_margin", max_margin, low=0),
+        C.check_scalar("scale", scale, low=0, low_open=True),
+    )
+    return C.nan_unless(_ldam(logits, labels, class_counts, max_margin, scale), ok)

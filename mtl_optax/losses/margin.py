@@ -21,12 +21,19 @@ cross-entropies ``(...)`` of modified, scaled logits:
   piece, continuous and monotone, with a finite gradient at ``cos = ±1``.
   Defaults ``s=30, m=4`` (``m=4`` is the paper's). The optional ``blend=λ`` gives
   the paper's annealed target ``(λ·cos + ψ)/(1 + λ)``.
-* Metric margin (design note 3.4): ``1 − cos`` is not a metric but the chord
+* Metric margin: ``1 − cos`` is not a metric but the chord
   ``sqrt(2 − 2cos)``, ``sqrt(1 − cos)`` and the angle θ are. A triangle-inequality
   argument for retrieval asks for ``d(z, c_y) + m < d(z, c_j)`` with ``m`` about
   twice the mean within-class distance to the class centre
   (:func:`estimate_margin`). Loss ``log(1 + Σ_{j≠y} exp(s·(d(z,c_y) + m − d(z,c_j))))``
   = ``CE(−s·(d + m·onehot_y))``.
+
+Bad inputs: cosines must lie in ``[−1, 1]`` up to rounding (``|cos| ≤ 1 + 1e-3``; raw
+logits passed by mistake would otherwise give finite nonsense), ``scale > 0``, margins
+``≥ 0`` (ArcFace: ``< π``), all finite. Violations are a ``ValueError`` when the values
+are concrete; under ``jit`` a bad hyper-parameter makes every loss NaN, and a bad label or
+an out-of-range cosine makes its example's loss NaN. Checked in
+``tests/losses/test_bad_inputs.py``.
 
 Boundary safety: square roots go through a safe square root that is exact for
 ``x ≥ 1e-6``, linear below (value 0 at 0, slope ``1e3``) so values are exact at
@@ -53,6 +60,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_optax.losses import _common as C
 
@@ -87,11 +95,34 @@ def _check_metric(metric):
         raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
 
 
-def _check_common(cos, labels, scale, margin, *, margin_name="margin", allow_zero_margin=True):
-    cos, labels = C.check_labelled_logits(cos, labels, logits_name="cos")
-    C.check_positive("scale", scale)
-    C.check_positive(margin_name, margin, allow_zero=allow_zero_margin)
-    return cos, labels
+_COS_SLACK = 1e-3  # rounding may put cosines a few ulps outside [-1, 1]
+
+
+def _check_common(cos, labels, scale, margin, *, margin_name="margin", margin_high=None):
+    """Validates cosines, labels, ``scale > 0`` and ``0 ≤ margin (< margin_high)``.
+
+    Returns ``(cos, labels, ok)``; ``ok`` (per example, or ``True``) for :func:`C.nan_unless`.
+    """
+    cos, labels, labels_ok = C.check_labelled_logits(cos, labels, logits_name="cos")
+    in_range = ~(jnp.abs(cos) > 1.0 + _COS_SLACK)  # NaN cosines propagate instead
+    value = C.concrete_value(in_range)
+    if value is None:
+        cos_ok = jnp.all(in_range, axis=-1)
+    elif not np.all(value):
+        raise ValueError(
+            f"`cos` must hold cosines in [-1, 1], got values up to "
+            f"{float(np.nanmax(np.abs(np.asarray(cos)))):.4g} in magnitude; compute them "
+            "with cosine_logits(embeddings, class_weights)."
+        )
+    else:
+        cos_ok = True
+    ok = C.all_ok(
+        labels_ok,
+        cos_ok,
+        C.check_scalar("scale", scale, low=0, low_open=True),
+        C.check_scalar(margin_name, margin, low=0, high=margin_high, high_open=True),
+    )
+    return cos, labels, ok
 
 
 def cosine_logits(embeddings, class_weights, *, eps: float = 1e-12) -> jax.Array:
@@ -108,13 +139,15 @@ def cosine_logits(embeddings, class_weights, *, eps: float = 1e-12) -> jax.Array
     class_weights = C.float_array("class_weights", class_weights)
     C.check_rank("embeddings", embeddings, 2)
     C.check_rank("class_weights", class_weights, 2)
+    C.check_nonempty_last_axis("embeddings", embeddings)
     if embeddings.shape[1] != class_weights.shape[0]:
         raise ValueError(
             f"`class_weights` must have shape (D, C) with D = embeddings.shape[1] = "
             f"{embeddings.shape[1]}; got embeddings {embeddings.shape}, "
             f"class_weights {class_weights.shape}."
         )
-    return _cosine_logits(embeddings, class_weights, eps)
+    ok = C.check_scalar("eps", eps, low=0, low_open=True)
+    return C.nan_unless(_cosine_logits(embeddings, class_weights, eps), ok)
 
 
 @jax.jit
@@ -141,8 +174,8 @@ def cosface_loss(cos, labels, *, scale: float = 30.0, margin: float = 0.35) -> j
     Oracle: ``tests/losses/test_margin.py::test_losses_match_numpy`` (float64 NumPy
     formula), ``check_grads`` and finite gradients at ``cos = ±1``.
     """
-    cos, labels = _check_common(cos, labels, scale, margin)
-    return _cosface(cos, labels, scale, margin)
+    cos, labels, ok = _check_common(cos, labels, scale, margin)
+    return C.nan_unless(_cosface(cos, labels, scale, margin), ok)
 
 
 @jax.jit
@@ -165,13 +198,14 @@ def arcface_loss(
     ``cos(θ+m) = cos·cos m − sin·sin m`` with ``sin = sqrt(max(1 − cos², eps))``;
     for ``θ_y > π − m`` (``cos_y < −cos m``) the fallback ``cos − m·sin m``.
     ``eps=1e-6`` keeps the square root's gradient finite at ``cos = ±1`` in float32
-    (it changes the target logit by at most ``sqrt(eps)·sin m``).
+    (it changes the target logit by at most ``sqrt(eps)·sin m``). ``0 ≤ margin < π``.
 
     Oracle: ``tests/losses/test_margin.py::test_losses_match_numpy`` (float64 NumPy
     with ``arccos``), ``check_grads`` and finite gradients at ``cos = ±1``.
     """
-    cos, labels = _check_common(cos, labels, scale, margin)
-    return _arcface(cos, labels, scale, margin, eps)
+    cos, labels, ok = _check_common(cos, labels, scale, margin, margin_high=math.pi)
+    ok = C.all_ok(ok, C.check_scalar("eps", eps, low=0, low_open=True))
+    return C.nan_unless(_arcface(cos, labels, scale, margin, eps), ok)
 
 
 def _chebyshev(x, m):
@@ -213,8 +247,8 @@ def sphereface_loss(
     """
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
         raise ValueError(f"`margin` must be a positive Python int for SphereFace, got {margin!r}.")
-    cos, labels = _check_common(cos, labels, scale, blend, margin_name="blend")
-    return _sphereface(cos, labels, scale, margin, blend)
+    cos, labels, ok = _check_common(cos, labels, scale, blend, margin_name="blend")
+    return C.nan_unless(_sphereface(cos, labels, scale, margin, blend), ok)
 
 
 @functools.partial(jax.jit, static_argnames=("metric",))
@@ -234,14 +268,14 @@ def metric_margin_loss(
     ``CE(−s·(d + m·onehot_y), y)``. ``metric`` ∈ ``{"chord": sqrt(2 − 2cos),
     "sqrt_one_minus_cos": sqrt(1 − cos), "angle": θ}``. Defaults ``s=30, m=0.35``
     follow CosFace (chord and angle change about one-for-one with ``cos`` in the
-    middle of the range); prefer ``margin=estimate_margin(...)`` (design 3.4).
+    middle of the range); prefer ``margin=estimate_margin(...)``.
 
     Oracle: ``tests/losses/test_margin.py::test_losses_match_numpy`` (float64 NumPy
     with ``arccos``/``sqrt``), ``check_grads`` and finite gradients at ``cos = ±1``.
     """
     _check_metric(metric)
-    cos, labels = _check_common(cos, labels, scale, margin)
-    return _metric_margin(cos, labels, metric, scale, margin)
+    cos, labels, ok = _check_common(cos, labels, scale, margin)
+    return C.nan_unless(_metric_margin(cos, labels, metric, scale, margin), ok)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "metric"))
@@ -259,16 +293,17 @@ def estimate_margin(embeddings, labels, *, num_classes: int, metric: str = "chor
     Embeddings ``(B, D)`` are normalised; centre ``c_k`` = normalised mean of the
     normalised embeddings of class ``k``. The mean runs over the ``B`` examples, so
     classes absent from the batch (zero count) contribute nothing. Returns a scalar
-    (wrap in ``jax.lax.stop_gradient`` when used as a margin inside a loss).
+    (wrap in ``jax.lax.stop_gradient`` when used as a margin inside a loss); NaN under
+    ``jit`` if a label is outside ``[0, num_classes)`` (concrete ones raise).
 
     Oracle: ``tests/losses/test_margin.py::test_estimate_margin_matches_numpy``.
     """
     _check_metric(metric)
     embeddings = C.float_array("embeddings", embeddings)
     C.check_rank("embeddings", embeddings, 2)
+    C.check_nonempty_last_axis("embeddings", embeddings)
     labels = jnp.asarray(labels)
     C.check_shape("labels", labels, embeddings.shape[:1])
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive int, got {num_classes!r}.")
-    labels = C.check_labels("labels", labels, num_classes)
-    return _estimate_margin(embeddings, labels, num_classes, metric)
+    C.check_static_int("num_classes", num_classes)
+    labels, ok = C.check_labels("labels", labels, num_classes)
+    return C.nan_unless(_estimate_margin(embeddings, labels, num_classes, metric), jnp.all(ok))

@@ -70,6 +70,10 @@ def _check_pair(a, b, names=("logits1", "logits2")):
     return a, b
 
 
+def _check_alpha(alpha):
+    return C.check_scalar("alpha", alpha, low=0)
+
+
 def _sym_kl(lp1, lp2):
     both = jnp.isfinite(lp1) & jnp.isfinite(lp2)
     lp1 = jnp.where(both, lp1, 0.0)
@@ -102,15 +106,16 @@ def rdrop_loss(logits1, logits2, labels, *, alpha: float = 4.0) -> jax.Array:
       labels: ``(...)`` integer classes.
       alpha: ``α ≥ 0``, default 4 (paper range 1–5).
 
-    No stop-gradient: both passes receive the KL gradient.
+    No stop-gradient: both passes receive the KL gradient. A bad label or ``alpha``
+    raises when concrete; under ``jit`` it gives NaN (per example for a label).
 
     Oracle: ``tests/losses/test_rdrop.py::test_rdrop_matches_numpy`` (float64 NumPy
     with ``scipy.special.rel_entr``) and the finite-difference gradient check.
     """
     logits1, logits2 = _check_pair(logits1, logits2)
-    logits1, labels = C.check_labelled_logits(logits1, labels, logits_name="logits1")
-    C.check_positive("alpha", alpha, allow_zero=True)
-    return _rdrop(logits1, logits2, labels, alpha)
+    logits1, labels, ok = C.check_labelled_logits(logits1, labels, logits_name="logits1")
+    ok = C.all_ok(ok, _check_alpha(alpha))
+    return C.nan_unless(_rdrop(logits1, logits2, labels, alpha), ok)
 
 
 def rdrop_consistency(logits1, logits2) -> jax.Array:
@@ -120,6 +125,7 @@ def rdrop_consistency(logits1, logits2) -> jax.Array:
     identical passes (``test_flax_two_pass_helpers``).
     """
     logits1, logits2 = _check_pair(logits1, logits2)
+    C.check_nonempty_last_axis("logits1", logits1)
     return _consistency(logits1, logits2)
 
 
@@ -142,8 +148,8 @@ def rdrop_regression_loss(pred1, pred2, targets, *, alpha: float = 4.0, axis=Non
     pred1, pred2 = _check_pair(pred1, pred2, names=("pred1", "pred2"))
     targets = C.float_array("targets", targets)
     C.check_shape("targets", targets, pred1.shape, hint=f"(`pred1` has shape {pred1.shape}.)")
-    C.check_positive("alpha", alpha, allow_zero=True)
-    out = _regression(pred1, pred2, targets, alpha)
+    C.check_axis("axis", axis, pred1.ndim)
+    out = C.nan_unless(_regression(pred1, pred2, targets, alpha), _check_alpha(alpha))
     return out if axis is None else jnp.sum(out, axis=axis)
 
 
@@ -158,6 +164,8 @@ def two_pass_vmap(apply_fn, key, *args):
     differ with dropout on, each equals ``apply_fn`` called with its key, and are
     identical (KL exactly 0) with dropout off.
     """
+    if not callable(apply_fn):
+        raise TypeError(f"`apply_fn` must be a function (key, *args) -> output, got {apply_fn!r}.")
     keys = jax.random.split(key, 2)
     return jax.vmap(lambda k: apply_fn(k, *args))(keys)
 
@@ -172,6 +180,8 @@ def two_pass_duplicated(apply_fn, key, x):
 
     Oracle: ``tests/losses/test_rdrop.py::test_flax_two_pass_helpers``.
     """
+    if not callable(apply_fn):
+        raise TypeError(f"`apply_fn` must be a function (key, x) -> output, got {apply_fn!r}.")
     leaves = jax.tree.leaves(x)
     if not leaves:
         raise ValueError("`x` must contain at least one array.")

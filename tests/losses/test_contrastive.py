@@ -224,7 +224,7 @@ def test_bad_inputs_raise():
         info_nce(s, jnp.array([0, 1]), where=jnp.array([[False, True, True]] * 2))
     with pytest.raises(ValueError, match="`scores` must be a floating array"):
         info_nce(jnp.zeros((2, 3), jnp.int32), jnp.array([0, 1]))
-    with pytest.raises(ValueError, match="`temperature` must be positive"):
+    with pytest.raises(ValueError, match="`temperature` must be finite and positive"):
         simclr_scores(jnp.ones((2, 3)), jnp.ones((2, 3)), temperature=0.0)
     with pytest.raises(ValueError, match=r"`z2` must have shape \(2, 3\)"):
         simclr_scores(jnp.ones((2, 3)), jnp.ones((3, 3)))

@@ -188,9 +188,9 @@ def test_gradient_penalty_matches_closed_form():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="`level` must be non-negative"):
+    with pytest.raises(ValueError, match="`level` must be finite and non-negative"):
         flood(jnp.array(1.0), level=-0.1)
-    with pytest.raises(ValueError, match="`level` must be non-negative"):
+    with pytest.raises(ValueError, match="`level` must be finite and non-negative"):
         flooding(level=-1.0)
     t = flooding(level=0.1)
     g = jnp.ones(2)
@@ -198,7 +198,7 @@ def test_bad_inputs_raise():
         t.update(g, t.init(g), g)
     with pytest.raises(ValueError, match=r"`value` must be a scalar loss, got shape \(2,\)"):
         t.update(g, t.init(g), g, value=jnp.ones(2))
-    with pytest.raises(ValueError, match="`descent_rate` must be positive"):
+    with pytest.raises(ValueError, match="`descent_rate` must be finite and positive"):
         alternating_ascent(descent_rate=0.0, ascent_rate=0.1)
     with pytest.raises(ValueError, match="`loss` must be a floating array"):
         flood(jnp.array(1), level=0.1)

@@ -169,19 +169,19 @@ def test_jit_and_vmap(data):
 
 def test_bad_inputs_raise(data):
     logits, y = data
-    with pytest.raises(ValueError, match="`class_priors` must be positive"):
+    with pytest.raises(ValueError, match="`class_priors` must be finite and positive"):
         logit_adjusted_cross_entropy(logits, y, class_priors=np.array([0.5, 0.5, 0.0, 0.0]))
     with pytest.raises(ValueError, match=r"`class_priors` must have shape \(4,\)"):
         posthoc_logit_adjustment(logits, class_priors=np.ones(3))
     with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 4\)"):
         softmax_focal_loss(logits, y + 1)
-    with pytest.raises(ValueError, match="`class_counts` must be non-negative"):
+    with pytest.raises(ValueError, match="`class_counts` must be finite and non-negative"):
         class_balanced_weights(np.array([3, -1]))
-    with pytest.raises(ValueError, match=r"`beta` must lie in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"`beta` must be finite and in \[0, 1\)"):
         class_balanced_weights(np.array([3, 1]), beta=1.0)
     with pytest.raises(ValueError, match=r"`class_counts` must have shape \(4,\)"):
         ldam_loss(logits, y, class_counts=np.array([1, 2]))
     with pytest.raises(ValueError, match=r"`labels` must have shape \(6, 4\)"):
         f1_weighted_binary_cross_entropy(logits, y)
-    with pytest.raises(ValueError, match="`gamma` must be non-negative"):
+    with pytest.raises(ValueError, match="`gamma` must be finite and non-negative"):
         softmax_focal_loss(logits, y, gamma=-1.0)

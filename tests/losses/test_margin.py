@@ -171,10 +171,12 @@ def test_bad_inputs_raise():
         arcface_loss(c, jnp.array([0, 1, 4]))
     with pytest.raises(ValueError, match="`labels` must be an integer array"):
         arcface_loss(c, jnp.array([0.0, 1.0, 2.0]))
-    with pytest.raises(ValueError, match="`scale` must be positive"):
+    with pytest.raises(ValueError, match="`scale` must be finite and positive"):
         cosface_loss(c, jnp.array([0, 1, 2]), scale=0.0)
-    with pytest.raises(ValueError, match="`margin` must be non-negative"):
+    with pytest.raises(ValueError, match=r"`margin` must be finite and in \[0, 3.14159"):
         arcface_loss(c, jnp.array([0, 1, 2]), margin=-0.1)
+    with pytest.raises(ValueError, match="`margin` must be finite and non-negative"):
+        cosface_loss(c, jnp.array([0, 1, 2]), margin=-0.1)
     with pytest.raises(ValueError, match="`margin` must be a positive Python int"):
         sphereface_loss(c, jnp.array([0, 1, 2]), margin=2.5)
     with pytest.raises(ValueError, match="`metric` must be one of"):

@@ -143,7 +143,7 @@ def test_bad_inputs_raise(data):
         rdrop_loss(a, b[:, :3], y)
     with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 4\)"):
         rdrop_loss(a, b, y + 4)
-    with pytest.raises(ValueError, match="`alpha` must be non-negative"):
+    with pytest.raises(ValueError, match="`alpha` must be finite and non-negative"):
         rdrop_loss(a, b, y, alpha=-1.0)
     with pytest.raises(ValueError, match=r"`targets` must have shape \(5, 4\)"):
         rdrop_regression_loss(a, b, a[:2])
