@@ -41,7 +41,7 @@ def test_shared_leaves_weighted_heads_summed():
     assert np.all(np.asarray(flat) @ u >= -1e-6)
 
 
-def test_callable_mask_and_default_all_shared():
+def test_callable_mask_and_shared_true():
     params, _, losses, task_grads = setup()
     by_name = lambda p: {
         "trunk": jax.tree_util.tree_map(lambda _: True, p["trunk"]),
@@ -52,7 +52,7 @@ def test_callable_mask_and_default_all_shared():
     ua, _ = a.update(task_grads, a.init(params), params)
     ub, _ = b.update(task_grads, b.init(params), params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, ua, ub)
-    c = mtl.aggregate(mtl.mean_weighting(), num_tasks=models.K)
+    c = mtl.aggregate(mtl.mean_weighting(), num_tasks=models.K, shared=True)
     uc, _ = c.update(task_grads, c.init(params), params)
     jax.tree_util.tree_map(
         lambda u, g: np.testing.assert_allclose(u, g.mean(0), rtol=1e-6, atol=1e-7),
@@ -104,7 +104,7 @@ def test_zero_and_single_task_gradients():
     updates, state = transform.update(zeros, transform.init(params), params)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree_util.tree_leaves(updates))
     one = jax.tree_util.tree_map(lambda g: g[:1], task_grads)
-    transform = mtl.aggregate(mtl.mgda(), num_tasks=1)
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=1, shared=True)
     updates, state = transform.update(one, transform.init(params), params)
     jax.tree_util.tree_map(
         lambda u, g: np.testing.assert_allclose(u, g[0], rtol=1e-6), updates, one.tree
@@ -123,13 +123,11 @@ def test_errors_name_the_offending_leaf():
         mtl.aggregate(mtl.mgda(), num_tasks=4, shared=models.SHARED).update(
             jax.tree_util.tree_map(lambda g: jnp.stack([g] * 4)[:, 0], plain), state, params
         )
-    with pytest.raises(ValueError, match="`shared` mask structure"):
-        wrong = mtl.aggregate(
-            mtl.mgda(), num_tasks=models.K, shared={"trunk": True, "heads": False}
-        )
+    with pytest.raises(ValueError, match="`shared` must be True, a callable"):
+        wrong = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=[True, False])
         wrong.update(task_grads, state, params)
     with pytest.raises(ValueError, match="task losses"):
-        needs = mtl.aggregate(mtl.mgda(normalization="loss"), num_tasks=models.K)
+        needs = mtl.aggregate(mtl.mgda(normalization="loss"), num_tasks=models.K, shared=True)
         needs.update(task_grads, needs.init(params), params)
 
 
