@@ -133,7 +133,7 @@ def split_forward(
             params
         )[0]]
         raise ValueError(
-            f"Leaves {[names[i] for i in tied]} are read by both `encode` and `heads` (tied "
+            f"Leaves {', '.join(names[i] for i in tied)} are read by both `encode` and `heads` (tied "
             "weights): their per-task gradients do not all pass through the features. Use "
             "value_and_jacobian(task_losses) with an explicit `shared` mask for this model."
         )
@@ -266,7 +266,11 @@ def split_value_and_grad(
       weights and update as :func:`split_value_and_jacobian` + :func:`mtl_optax.aggregate`
       for every weighting, in O(parameters) memory at any K.
 
-    Then ``grads = ∇(Σ_i w_i L_i)`` with the weights ``stop_gradient``-ed. Homogeneous
+    Then one backward pass: the encoder gets ``∇(Σ_i w_i L_i)`` (weights
+    ``stop_gradient``-ed). The heads get the same with a losses-only weighting (tier 1: the
+    gradient of the weighted loss); with a Gram weighting, which only sets the direction of
+    the shared parameters, each head follows its own task's gradient (the summed-loss
+    gradient), as in :func:`mtl_optax.aggregate` and MGDA-UB. Homogeneous
     weightings see the Gram of the feature gradients rescaled by a power of two (exact), so
     loss scales far outside float32's square range do not overflow the Gram.
 
@@ -287,34 +291,46 @@ def split_value_and_grad(
     """
     check_num_tasks(num_tasks)
     check_weighting(weighting)
+    check_gram_mode(gram, chunk_size)
+    enc, hds = _plain_encode(encode), _plain_heads(heads)
+
+    def fn(params, batch, weighting_state, **extra) -> WeightedGrads:
+        check_weighting_state(weighting_state, weighting, num_tasks)
+        forward = split_forward(enc, hds, params, batch, num_tasks)
+        weights, weighting_state, head_grads = split_weights(
+            forward, weighting, weighting_state, gram, chunk_size, **extra
+        )
+        grads = weighted_grads(forward, weights, head_grads)
+        return WeightedGrads(forward.losses, grads, weighting_state, weights)
+
+    return fn
+
+
+def check_gram_mode(gram: Any, chunk_size: Any) -> None:
+    """Validate ``gram`` and its ``chunk_size`` (construction time)."""
     if gram not in GRAMS:
         raise ValueError(f"`gram` must be one of {GRAMS}, got {gram!r}.")
     if chunk_size is not None and (
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-    enc, hds = _plain_encode(encode), _plain_heads(heads)
-
-    def fn(params, batch, weighting_state, **extra) -> WeightedGrads:
-        check_weighting_state(weighting_state, weighting, num_tasks)
-        forward = split_forward(enc, hds, params, batch, num_tasks)
-        weights, weighting_state = split_weights(
-            forward, weighting, weighting_state, gram, chunk_size, **extra
-        )
-        grads = weighted_grads(forward, weights)
-        return WeightedGrads(forward.losses, grads, weighting_state, weights)
-
-    return fn
 
 
 def split_weights(forward, weighting, weighting_state, gram, chunk_size, **extra):
-    """``(weights, state)`` of ``weighting`` for one forward pass of the split."""
+    """``(weights, state, head_grads)`` of ``weighting`` for one forward pass of the split.
+
+    ``head_grads`` is the summed-loss gradient of the heads for a Gram weighting (which sets
+    the direction of the shared encoder only) and ``None`` for a losses-only weighting.
+    """
     losses = forward.losses
     if not weighting.needs_gram:
-        return weighting.update(None, losses, weighting_state, **extra)
-    _, feature_grads = forward.heads_vjp(jnp.ones_like(losses))
+        return (*weighting.update(None, losses, weighting_state, **extra), None)
+    head_grads, feature_grads = forward.heads_vjp(jnp.ones_like(losses))
     if gram == "features":
-        return weights_from_gradients(weighting, feature_grads, losses, weighting_state, **extra)
+        weights, state = weights_from_gradients(
+            weighting, feature_grads, losses, weighting_state, **extra
+        )
+        return weights, state, head_grads
     # J is linear: scaling the feature cotangents by 2^-e scales every g_i by 2^-e exactly.
     exponent = 0 if weighting.homogeneity is None else power_of_two_exponent(feature_grads)
     scaled = jax.tree_util.tree_map(lambda a: jnp.ldexp(a, -exponent), feature_grads)
@@ -324,14 +340,21 @@ def split_weights(forward, weighting, weighting_state, gram, chunk_size, **extra
         diagonal_only=weighting.needs_gram == "diagonal",
         chunk_size=chunk_size,
     )
-    return apply_weighting(weighting, g, losses, weighting_state, log2_scale=2 * exponent, **extra)
+    weights, state = apply_weighting(
+        weighting, g, losses, weighting_state, log2_scale=2 * exponent, **extra
+    )
+    return weights, state, head_grads
 
 
-def weighted_grads(forward: SplitForward, weights: jax.Array) -> Any:
-    """``∇(Σ_i w_i L_i)``: one backward pass through the heads and one through the encoder."""
-    head_grads, feature_cotangents = forward.heads_vjp(weights.astype(forward.losses.dtype))
+def weighted_grads(forward: SplitForward, weights: jax.Array, head_grads=None) -> Any:
+    """Encoder: ``∇_enc(Σ_i w_i L_i)``; heads: ``head_grads`` if given, else ``∇_heads`` of it.
+
+    One backward pass through the heads and one through the encoder.
+    """
+    weighted_heads, feature_cotangents = forward.heads_vjp(weights.astype(forward.losses.dtype))
     z_cotangent = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), feature_cotangents)
-    return forward.join(forward.encoder_vjp(z_cotangent), head_grads)
+    heads = weighted_heads if head_grads is None else head_grads
+    return forward.join(forward.encoder_vjp(z_cotangent), heads)
 
 
 def check_weighting(weighting: Any, name: str = "weighting") -> None:
