@@ -55,7 +55,14 @@ class AggregateState(NamedTuple):
 
 
 def _paths(flat) -> list[str]:
-    return [jax.tree_util.keystr(path) or "<root>" for path, _ in flat]
+    """Leaf names; a flax ``Variable``'s own ``.value`` step is dropped (Param nodes or not)."""
+    return [
+        jax.tree_util.keystr(
+            tuple(k for k in path if getattr(k, "name", None) != "value")
+        )
+        or "<root>"
+        for path, _ in flat
+    ]
 
 
 def _plain(x):
