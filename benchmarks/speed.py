@@ -226,14 +226,18 @@ def memory_rows(
             if name in MEMORY_STEPS:
                 steps[name] = (fn, make_state(params))
         jitted = {name: (jax.jit(fn), state) for name, (fn, state) in steps.items()}
-        memory = {name: peak_bytes(fn, state, batch) / 2**20 for name, (fn, state) in jitted.items()}
+        memory = {
+            name: peak_bytes(fn, state, batch) / 2**20 for name, (fn, state) in jitted.items()
+        }
         times = interleaved_medians(
             {name: jax_call(fn, state, batch) for name, (fn, state) in jitted.items()}, calls=calls
         )
         rows[num_tasks] = {name: (memory[name], times[name]) for name in MEMORY_STEPS}
         for name in MEMORY_STEPS:
-            print(f"K={num_tasks:>3} {name:<24} {memory[name]:9.1f} MB "
-                  f"{1e3 * times[name]:9.2f} ms", flush=True)
+            print(
+                f"K={num_tasks:>3} {name:<24} {memory[name]:9.1f} MB {1e3 * times[name]:9.2f} ms",
+                flush=True,
+            )
     return rows
 
 

@@ -57,9 +57,7 @@ class AggregateState(NamedTuple):
 def _paths(flat) -> list[str]:
     """Leaf names; a flax ``Variable``'s own ``.value`` step is dropped (Param nodes or not)."""
     return [
-        jax.tree_util.keystr(
-            tuple(k for k in path if getattr(k, "name", None) != "value")
-        )
+        jax.tree_util.keystr(tuple(k for k in path if getattr(k, "name", None) != "value"))
         or "<root>"
         for path, _ in flat
     ]
@@ -164,7 +162,7 @@ def resolve_mask(shared, tree, *, name: str = "shared") -> list[bool]:
             f"{_paths(mask_flat)[:6]} but the params have leaves {_paths(flat)[:6]}."
         )
     out = []
-    for (path, value) in mask_flat:
+    for path, value in mask_flat:
         value = _plain(value)
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(

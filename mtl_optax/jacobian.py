@@ -61,9 +61,9 @@ class TaskGradients(metaclass=_NamedInErrors):
     A pytree node of its own, so it passes through ``jit``, ``vmap`` and ``tree_map``, while
     a stateful optax transform placed before :func:`mtl_optax.aggregate` in ``optax.chain``
     fails on the structure mismatch (the error prints the type, whose text names
-    ``TaskGradients`` and says that ``aggregate`` must come first) instead of treating the task axis as a batch of
-    parameters. It behaves as a read-only mapping over ``tree`` when ``tree`` is a mapping
-    (``task_grads["trunk"]``, ``"trunk" in task_grads``, ``task_grads.keys()``), so code
+    ``TaskGradients`` and says that ``aggregate`` must come first) instead of treating the
+    task axis as a batch of parameters. It behaves as a read-only mapping over ``tree`` when
+    ``tree`` is a mapping (``task_grads["trunk"]``, ``"trunk" in task_grads``, ``task_grads.keys()``), so code
     that inspects gradients as a dict (e.g. flax's ``TrainState.apply_gradients``) works.
 
     ``stacked`` (one bool per leaf of ``tree``, or ``None`` for all) is set by the

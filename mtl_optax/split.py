@@ -62,9 +62,7 @@ def reads_leaves(fn: Callable, leaves: Sequence[Any], treedef) -> list[bool]:
     Traces ``fn`` once more (trace time only, nothing runs). An input used only in code
     whose result is discarded still counts as read.
     """
-    closed = jax.make_jaxpr(lambda xs: fn(jax.tree_util.tree_unflatten(treedef, xs)))(
-        list(leaves)
-    )
+    closed = jax.make_jaxpr(lambda xs: fn(jax.tree_util.tree_unflatten(treedef, xs)))(list(leaves))
     used = set()
     for eqn in closed.jaxpr.eqns:
         used.update(v for v in eqn.invars if not isinstance(v, Literal))
@@ -129,13 +127,14 @@ def split_forward(
         if m and r
     ]
     if tied:
-        names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(
-            params
-        )[0]]
+        names = [
+            jax.tree_util.keystr(path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
         raise ValueError(
-            f"Leaves {', '.join(names[i] for i in tied)} are read by both `encode` and `heads` (tied "
-            "weights): their per-task gradients do not all pass through the features. Use "
-            "value_and_jacobian(task_losses) with an explicit `shared` mask for this model."
+            f"Leaves {', '.join(names[i] for i in tied)} are read by both `encode` and "
+            "`heads` (tied weights): their per-task gradients do not all pass through the "
+            "features. Use value_and_jacobian(task_losses) with an explicit `shared` mask for this model."
         )
     losses, heads_vjp, carry = jax.vjp(
         lambda head, f: heads(join(encoder_leaves, head), f, batch, carry),
@@ -148,9 +147,7 @@ def split_forward(
             f"`heads` must return the {num_tasks} task losses as shape ({num_tasks},) "
             f"(num_tasks={num_tasks}), got shape {jnp.shape(losses)}."
         )
-    return SplitForward(
-        losses, carry, encoder_mask, encoder_vjp, encoder_jvp, heads_vjp, join
-    )
+    return SplitForward(losses, carry, encoder_mask, encoder_vjp, encoder_jvp, heads_vjp, join)
 
 
 def _plain_encode(encode: Callable) -> Callable:
@@ -222,7 +219,9 @@ def parameter_gram(
     ``chunk_size`` columns are computed at a time (``None``: one).
     """
     k = jax.tree_util.tree_leaves(feature_grads)[0].shape[0]
-    dtype = jnp.promote_types(jnp.result_type(*jax.tree_util.tree_leaves(feature_grads)), jnp.float32)
+    dtype = jnp.promote_types(
+        jnp.result_type(*jax.tree_util.tree_leaves(feature_grads)), jnp.float32
+    )
     flat_features = [
         leaf.reshape(k, -1).astype(dtype) for leaf in jax.tree_util.tree_leaves(feature_grads)
     ]

@@ -198,7 +198,9 @@ def test_inject_hyperparams_needs_num_tasks_static():
     ua, sa = right.update(task_grads, right.init(params), params)
     ub, _ = direct.update(task_grads, direct.init(params), params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, ua, ub)
-    np.testing.assert_array_equal(mtl.task_weights(sa), mtl.task_weights((optax.EmptyState(), (sa,))))
+    np.testing.assert_array_equal(
+        mtl.task_weights(sa), mtl.task_weights((optax.EmptyState(), (sa,)))
+    )
 
 
 def test_orbax_restore_without_target_is_explained(tmp_path):
@@ -271,8 +273,9 @@ def test_clip_by_global_norm_before_aggregate_clips_the_whole_jacobian():
     aggregate = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
     chained = optax.chain(optax.clip_by_global_norm(1e-3), aggregate)
     got, _ = chained.update(task_grads, chained.init(params), params)
-    norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in
-                       jax.tree_util.tree_leaves(task_grads)))
+    norm = np.sqrt(
+        sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree_util.tree_leaves(task_grads))
+    )
     scaled = jax.tree_util.tree_map(lambda g: g * (1e-3 / norm), task_grads)
     expected, _ = aggregate.update(scaled, aggregate.init(params), params)
     jax.tree_util.tree_map(

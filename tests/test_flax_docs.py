@@ -21,4 +21,3 @@ def test_flax_guide_runs_and_trains():
     assert weights.shape == (2,) and abs(weights.sum() - 1) < 1e-5  # MGDA: on the simplex
     assert abs(float(np.sum(namespace["home"].weights[...])) - 1) < 1e-5
     assert np.all(np.isfinite(namespace["linen_losses"]))
-

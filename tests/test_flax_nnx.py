@@ -148,8 +148,19 @@ def test_nnx_optimizer_matches_the_plain_pytree_path_bit_for_bit(weighting):
     )
     np.testing.assert_array_equal(mtl.task_weights(opt.opt_state), opt_state[0].weights)
     assert isinstance(mtl.task_weights(opt.opt_state), jax.Array)
-    assert np.all(np.asarray(losses) < np.asarray(task_losses(nnx.merge(graphdef, nnx.split(
-        Model(nnx.Rngs(3), dropout=0.0, batch_norm=False), nnx.Param, ...)[1], rest), batch)))
+    assert np.all(
+        np.asarray(losses)
+        < np.asarray(
+            task_losses(
+                nnx.merge(
+                    graphdef,
+                    nnx.split(Model(nnx.Rngs(3), dropout=0.0, batch_norm=False), nnx.Param, ...)[1],
+                    rest,
+                ),
+                batch,
+            )
+        )
+    )
 
 
 def test_a_shared_mask_of_param_nodes_is_accepted():

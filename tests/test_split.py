@@ -10,9 +10,7 @@ from mtl_optax import split
 from tests import models, zoo
 
 K = models.K
-GRAM_WEIGHTINGS = {
-    name: make(K) for name, make in zoo.WEIGHTINGS.items() if make(K).needs_gram
-}
+GRAM_WEIGHTINGS = {name: make(K) for name, make in zoo.WEIGHTINGS.items() if make(K).needs_gram}
 
 
 def setup(seed=0):
@@ -22,7 +20,9 @@ def setup(seed=0):
 
 
 def assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b
+    )
 
 
 @pytest.mark.parametrize("strategy,chunk", [("map", None), ("vmap", None), ("chunked", 2)])
@@ -60,18 +60,19 @@ def test_aggregate_of_the_split_needs_no_mask_and_equals_the_masked_full_jacobia
 def test_feature_gram_is_the_gram_of_jacrev_at_the_features():
     params, batch = setup(4)
     z = models.encode(params, batch)
-    jz = np.asarray(
-        jax.jacrev(lambda z_: models.heads(params, z_, batch))(z), np.float64
-    ).reshape(K, -1)
+    jz = np.asarray(jax.jacrev(lambda z_: models.heads(params, z_, batch))(z), np.float64).reshape(
+        K, -1
+    )
     for weighting in GRAM_WEIGHTINGS.values():
-        out = jax.jit(split.split_value_and_grad(models.encode, models.split_heads, weighting,
-                                                 num_tasks=K))(params, batch, weighting.init(K))
+        out = jax.jit(
+            split.split_value_and_grad(models.encode, models.split_heads, weighting, num_tasks=K)
+        )(params, batch, weighting.init(K))
         expected, _ = weighting.update(
             jnp.asarray(jz @ jz.T, jnp.float32), out.losses, weighting.init(K)
         )
         np.testing.assert_allclose(out.weights, expected, rtol=1e-5, atol=1e-6)
         w = jax.lax.stop_gradient(out.weights)
-        direct = jax.grad(lambda p: w @ models.task_losses(p, batch))(params)
+        direct = jax.grad(lambda p, w=w: w @ models.task_losses(p, batch))(params)
         summed = jax.grad(lambda p: jnp.sum(models.task_losses(p, batch)))(params)
         assert_tree_close(out.grads["trunk"], direct["trunk"])  # encoder: Σ w_i g_i
         assert_tree_close(out.grads["heads"], summed["heads"])  # heads: their own task
@@ -83,9 +84,7 @@ def test_tier1_through_the_split_is_the_weighted_sum_gradient():
     out = split.split_value_and_grad(models.encode, models.split_heads, weighting, num_tasks=K)(
         params, batch, weighting.init(K)
     )
-    expected = jax.grad(lambda p: jnp.array([0.5, 2.0, 1.0]) @ models.task_losses(p, batch))(
-        params
-    )
+    expected = jax.grad(lambda p: jnp.array([0.5, 2.0, 1.0]) @ models.task_losses(p, batch))(params)
     assert_tree_close(out.grads, expected)
 
 
@@ -93,8 +92,11 @@ def test_parameter_gram_equals_the_float64_gram_of_the_encoder_jacobian():
     params, batch = setup(8)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     forward = split.split_forward(
-        split._plain_encode(models.encode), split._plain_heads(models.split_heads),
-        params, batch, K,
+        split._plain_encode(models.encode),
+        split._plain_heads(models.split_heads),
+        params,
+        batch,
+        K,
     )
     _, feature_grads = forward.heads_vjp(jnp.ones(K))
     jac = jax.jacrev(models.task_losses)(params, batch)["trunk"]
@@ -161,11 +163,16 @@ def test_split_errors_name_the_problem():
             params, batch
         )
     with pytest.raises(ValueError, match="`gram` must be one of"):
-        mtl.split_value_and_grad(models.encode, models.split_heads, mtl.mgda(), num_tasks=K,
-                                 gram="full")
+        mtl.split_value_and_grad(
+            models.encode, models.split_heads, mtl.mgda(), num_tasks=K, gram="full"
+        )
     with pytest.raises(TypeError, match="optax GradientTransformation"):
-        mtl.split_value_and_grad(models.encode, models.split_heads, mtl.aggregate(
-            mtl.mgda(), num_tasks=K, shared=True), num_tasks=K)
+        mtl.split_value_and_grad(
+            models.encode,
+            models.split_heads,
+            mtl.aggregate(mtl.mgda(), num_tasks=K, shared=True),
+            num_tasks=K,
+        )
     step = mtl.split_value_and_grad(models.encode, models.split_heads, mtl.mgda(), num_tasks=K)
     with pytest.raises(ValueError, match=r"`weighting_state` is None.*weighting.init\(3\)"):
         step(params, batch, None)
