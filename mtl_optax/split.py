@@ -134,7 +134,8 @@ def split_forward(
         raise ValueError(
             f"Leaves {', '.join(names[i] for i in tied)} are read by both `encode` and "
             "`heads` (tied weights): their per-task gradients do not all pass through the "
-            "features. Use value_and_jacobian(task_losses) with an explicit `shared` mask for this model."
+            "features. Use value_and_jacobian(task_losses) with an explicit `shared` mask "
+            "for this model."
         )
     losses, heads_vjp, carry = jax.vjp(
         lambda head, f: heads(join(encoder_leaves, head), f, batch, carry),
