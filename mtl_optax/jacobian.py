@@ -64,7 +64,8 @@ class TaskGradients(metaclass=_NamedInErrors):
     ``TaskGradients`` and says that ``aggregate`` must come first) instead of treating the
     task axis as a batch of parameters. It behaves as a read-only mapping over ``tree`` when
     ``tree`` is a mapping (``task_grads["trunk"]``, ``"trunk" in task_grads``,
-    ``task_grads.keys()``), so code that inspects gradients as a dict (e.g. flax's ``TrainState.apply_gradients``) works.
+    ``task_grads.keys()``), so code that inspects gradients as a dict (flax's
+    ``TrainState.apply_gradients``) works.
 
     ``stacked`` (one bool per leaf of ``tree``, or ``None`` for all) is set by the
     encoder/heads split: head leaves arrive already summed over the tasks, with the
