@@ -124,16 +124,20 @@ def value_and_jacobian(
     return wrapped
 
 
-def _split_functions(encode: Callable, heads: Callable, rest, call) -> tuple[Callable, Callable]:
-    """The split's internal ``(encode, heads)`` threading the non-params state in order."""
+def _split_forward(encode, heads, model, batch, num_tasks, wrt):
+    """``(forward, finish)``: the split's forward pass on ``model``, threading the
+    non-params variables from ``encode`` to ``heads`` in the order of one forward pass;
+    ``finish()`` writes them back into ``model``."""
+    params, rest, call, finish = _pure(model, wrt)
 
-    def enc(p, batch):
-        return call(encode, p, rest, batch)
+    def enc(p, b):
+        return call(encode, p, rest, b)
 
-    def hds(p, features, batch, carry):
-        return call(heads, p, carry, features, batch)
+    def hds(p, features, b, carry):
+        return call(heads, p, carry, features, b)
 
-    return enc, hds
+    forward = _split.split_forward(enc, hds, params, batch, num_tasks)
+    return forward, lambda: finish(forward.carry)
 
 
 def split_value_and_jacobian(
@@ -158,11 +162,9 @@ def split_value_and_jacobian(
     _jacobian.check_strategy(strategy, chunk_size)
 
     def wrapped(model, batch):
-        params, rest, call, finish = _pure(model, wrt)
-        enc, hds = _split_functions(encode, heads, rest, call)
-        forward = _split.split_forward(enc, hds, params, batch, num_tasks)
+        forward, finish = _split_forward(encode, heads, model, batch, num_tasks, wrt)
         task_grads = _split.split_jacobian(forward, strategy, chunk_size)
-        finish(forward.carry)
+        finish()
         return forward.losses, task_grads
 
     return wrapped
@@ -180,9 +182,9 @@ def split_value_and_grad(
 
     ``task_weighting`` is a :class:`TaskWeighting`; its state and ``weights`` are updated
     in place. Returns ``(losses, grads)`` (as in :func:`mtl_optax.split_value_and_grad`)
-    shaped like ``nnx.state(model, wrt)``, for ``nnx.Optimizer.update(model, grads)``. ``gram`` and
-    ``chunk_size`` as in :func:`mtl_optax.split_value_and_grad`; extra keyword arguments go
-    to the weighting.
+    shaped like ``nnx.state(model, wrt)``, for ``nnx.Optimizer.update(model, grads)``.
+    ``gram`` and ``chunk_size`` as in :func:`mtl_optax.split_value_and_grad`; extra keyword
+    arguments go to the weighting.
     """
     _split.check_gram_mode(gram, chunk_size)
 
@@ -194,14 +196,12 @@ def split_value_and_grad(
                 f"{type(task_weighting).__name__}."
             )
         weighting = task_weighting.weighting
-        params, rest, call, finish = _pure(model, wrt)
-        enc, hds = _split_functions(encode, heads, rest, call)
-        forward = _split.split_forward(enc, hds, params, batch, task_weighting.num_tasks)
+        forward, finish = _split_forward(encode, heads, model, batch, task_weighting.num_tasks, wrt)
         weights, state, head_grads = _split.split_weights(
             forward, weighting, task_weighting.state.get_value(), gram, chunk_size, **extra
         )
         grads = _split.weighted_grads(forward, weights, head_grads)
-        finish(forward.carry)
+        finish()
         task_weighting.state.set_value(state)
         task_weighting.weights.set_value(jax.lax.stop_gradient(weights).astype(jnp.float32))
         return forward.losses, grads
