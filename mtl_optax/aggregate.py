@@ -136,15 +136,15 @@ def unwrap(task_grads, num_tasks: int, params=None) -> tuple[list[str], list, An
 
 
 def resolve_mask(shared, tree, *, name: str = "shared") -> list[bool]:
-    """Flatten a mask: ``True`` (all), a pytree of bools like ``tree`` (or a prefix of it,
-    one bool for a whole subtree), or a callable ``tree -> mask``.
+    """Flatten a mask: ``True`` or ``None`` (all), a pytree of bools like ``tree`` (or a
+    prefix of it, one bool for a whole subtree), or a callable ``tree -> mask``.
 
     ``tree`` has the shapes of the params (a callable mask may look at them). Mask leaves
     may be Python or NumPy bools, also inside flax ``Variable`` nodes (a mask made from
     ``nnx.state(model, nnx.Param)``).
     """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if shared is True:
+    if shared is None or shared is True:  # None: every leaf (the default of other masks)
         return [True] * len(flat)
     mask = shared(tree) if callable(shared) else shared
     mask_flat = jax.tree_util.tree_flatten_with_path(
