@@ -197,10 +197,10 @@ def split_value_and_grad(
             )
         weighting = task_weighting.weighting
         forward, finish = _split_forward(encode, heads, model, batch, task_weighting.num_tasks, wrt)
-        weights, state, head_grads = _split.split_weights(
+        weights, state, backward = _split.split_weights(
             forward, weighting, task_weighting.state.get_value(), gram, chunk_size, **extra
         )
-        grads = _split.weighted_grads(forward, weights, head_grads)
+        grads = _split.weighted_grads(forward, weights, backward)
         finish()
         task_weighting.state.set_value(state)
         task_weighting.weights.set_value(jax.lax.stop_gradient(weights).astype(jnp.float32))

@@ -210,31 +210,43 @@ def split_value_and_jacobian(
 
 
 def parameter_gram(
-    forward: SplitForward, feature_grads: Any, *, diagonal_only: bool, chunk_size: int | None
+    forward: SplitForward,
+    feature_grads: Any,
+    *,
+    diagonal_only: bool,
+    chunk_size: int | None,
+    exponent: jax.Array | int = 0,
 ) -> jax.Array:
-    """Gram of the per-task encoder gradients without holding them all (memory O(params)).
+    """Gram of the per-task encoder gradients without holding them (no K × params Jacobian).
 
     Column j: ``g_j = J_encᵀ ∂L_j/∂z`` (one encoder backward pass), then
     ``G_ij = ⟨∂L_i/∂z, J_enc g_j⟩`` (one forward-mode pass through the encoder), which
     equals ``⟨g_i, g_j⟩``. ``diagonal_only`` stops after the backward pass (``‖g_j‖²``).
-    ``chunk_size`` columns are computed at a time (``None``: one).
+    ``chunk_size`` columns are computed at a time (``None``: one). With ``exponent`` e the
+    result is ``4^-e G``: each cotangent and each tangent is scaled by ``2^-e`` (exact),
+    so the Gram of huge or tiny gradients neither overflows nor underflows, and no scaled
+    copy of the K feature gradients is made. Memory: the K feature gradients (K × the
+    features) plus ``chunk_size`` gradients.
     """
-    k = jax.tree_util.tree_leaves(feature_grads)[0].shape[0]
-    dtype = jnp.promote_types(
-        jnp.result_type(*jax.tree_util.tree_leaves(feature_grads)), jnp.float32
-    )
-    flat_features = [
-        leaf.reshape(k, -1).astype(dtype) for leaf in jax.tree_util.tree_leaves(feature_grads)
-    ]
+    leaves = jax.tree_util.tree_leaves(feature_grads)
+    k = leaves[0].shape[0]
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
 
     def column(cotangent):
-        grads = forward.encoder_vjp(cotangent)
+        grads = forward.encoder_vjp(
+            jax.tree_util.tree_map(lambda a: jnp.ldexp(a, -exponent), cotangent)
+        )
         if diagonal_only:
             return sum(jnp.sum(jnp.square(g.astype(dtype))) for g in grads)
         tangent = jax.tree_util.tree_leaves(forward.encoder_jvp(grads))
         return sum(
-            jnp.matmul(f, t.reshape(-1).astype(dtype), precision=HIGHEST)
-            for f, t in zip(flat_features, tangent)
+            jnp.matmul(
+                f.reshape(k, -1),
+                jnp.ldexp(t.reshape(-1), -exponent).astype(f.dtype),
+                precision=HIGHEST,
+                preferred_element_type=dtype,
+            )
+            for f, t in zip(leaves, tangent)
         )
 
     columns = jax.lax.map(column, feature_grads, batch_size=chunk_size)
@@ -297,10 +309,10 @@ def split_value_and_grad(
     def fn(params, batch, weighting_state, **extra) -> WeightedGrads:
         check_weighting_state(weighting_state, weighting, num_tasks)
         forward = split_forward(enc, hds, params, batch, num_tasks)
-        weights, weighting_state, head_grads = split_weights(
+        weights, weighting_state, backward = split_weights(
             forward, weighting, weighting_state, gram, chunk_size, **extra
         )
-        grads = weighted_grads(forward, weights, head_grads)
+        grads = weighted_grads(forward, weights, backward)
         return WeightedGrads(forward.losses, grads, weighting_state, weights)
 
     return fn
@@ -317,43 +329,54 @@ def check_gram_mode(gram: Any, chunk_size: Any) -> None:
 
 
 def split_weights(forward, weighting, weighting_state, gram, chunk_size, **extra):
-    """``(weights, state, head_grads)`` of ``weighting`` for one forward pass of the split.
+    """``(weights, state, feature_grads)`` of ``weighting`` for one forward pass of the split.
 
-    ``head_grads`` is the summed-loss gradient of the heads for a Gram weighting (which sets
-    the direction of the shared encoder only) and ``None`` for a losses-only weighting.
+    ``feature_grads`` (pair ``(head_grads, ∂L_i/∂z stacked)`` from one backward pass of the
+    summed loss through the heads) for a Gram weighting, ``None`` for a losses-only one.
     """
     losses = forward.losses
     if not weighting.needs_gram:
         return (*weighting.update(None, losses, weighting_state, **extra), None)
-    head_grads, feature_grads = forward.heads_vjp(jnp.ones_like(losses))
+    backward = forward.heads_vjp(jnp.ones_like(losses))
+    feature_grads = backward[1]
     if gram == "features":
         weights, state = weights_from_gradients(
             weighting, feature_grads, losses, weighting_state, **extra
         )
-        return weights, state, head_grads
+        return weights, state, backward
     # J is linear: scaling the feature cotangents by 2^-e scales every g_i by 2^-e exactly.
     exponent = 0 if weighting.homogeneity is None else power_of_two_exponent(feature_grads)
-    scaled = jax.tree_util.tree_map(lambda a: jnp.ldexp(a, -exponent), feature_grads)
     g = parameter_gram(
         forward,
-        scaled,
+        feature_grads,
         diagonal_only=weighting.needs_gram == "diagonal",
         chunk_size=chunk_size,
+        exponent=exponent,
     )
     weights, state = apply_weighting(
         weighting, g, losses, weighting_state, log2_scale=2 * exponent, **extra
     )
-    return weights, state, head_grads
+    return weights, state, backward
 
 
-def weighted_grads(forward: SplitForward, weights: jax.Array, head_grads=None) -> Any:
-    """Encoder: ``∇_enc(Σ_i w_i L_i)``; heads: ``head_grads`` if given, else ``∇_heads`` of it.
+def weighted_grads(forward: SplitForward, weights: jax.Array, backward=None) -> Any:
+    """One update from the weights.
 
-    One backward pass through the heads and one through the encoder.
+    Without ``backward`` (losses-only weighting): ``∇(Σ_i w_i L_i)``, one backward pass
+    through the heads and one through the encoder. With ``backward = (head_grads,
+    feature_grads)`` from :func:`split_weights` (Gram weighting): the encoder gets
+    ``∇_enc(Σ_i w_i L_i)`` from the cotangent ``Σ_i w_i ∂L_i/∂z`` (one encoder backward
+    pass, no second pass through the heads) and each head its own task gradient.
     """
-    weighted_heads, feature_cotangents = forward.heads_vjp(weights.astype(forward.losses.dtype))
-    z_cotangent = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), feature_cotangents)
-    heads = weighted_heads if head_grads is None else head_grads
+    if backward is None:
+        heads, feature_cotangents = forward.heads_vjp(weights.astype(forward.losses.dtype))
+        z_cotangent = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), feature_cotangents)
+    else:
+        heads, feature_grads = backward
+        z_cotangent = jax.tree_util.tree_map(
+            lambda a: jnp.tensordot(weights.astype(a.dtype), a, axes=1, precision=HIGHEST),
+            feature_grads,
+        )
     return forward.join(forward.encoder_vjp(z_cotangent), heads)
 
 

@@ -106,6 +106,10 @@ def test_parameter_gram_equals_the_float64_gram_of_the_encoder_jacobian():
     for chunk in (None, 2):
         gram = split.parameter_gram(forward, feature_grads, diagonal_only=False, chunk_size=chunk)
         np.testing.assert_allclose(gram, flat @ flat.T, rtol=1e-5, atol=1e-7)
+    scaled = split.parameter_gram(
+        forward, feature_grads, diagonal_only=False, chunk_size=None, exponent=jnp.int32(3)
+    )
+    np.testing.assert_allclose(scaled, flat @ flat.T / 64.0, rtol=1e-5, atol=1e-9)
     diag = split.parameter_gram(forward, feature_grads, diagonal_only=True, chunk_size=None)
     np.testing.assert_allclose(np.diag(diag), (flat**2).sum(1), rtol=1e-5)
     del leaves, treedef
