@@ -1,4 +1,4 @@
-"""Step time of each tier against the plain summed-loss step (DESIGN.md 2 and 6).
+"""Step time of each tier against the plain summed-loss step.
 
 Model: a shared ReLU MLP trunk 784 -> 512 -> 512 and K linear 10-way heads (stored
 stacked, one (K, 512, 10) weight), batch 256 of random inputs and labels, Adam(1e-3).
@@ -14,6 +14,14 @@ other in separate rounds (idle PyTorch threads would slow the JAX calls):
 * ``tier 1`` -- ``weighted_value_and_grad`` with ``mean_weighting`` (one backward pass);
 * ``tier 2 MGDA`` -- ``weighted_value_and_grad`` with ``mgda()``: Gram of ``∂L_i/∂z`` at
   the 512-d trunk output, then one backward pass;
+* ``tier 2 MGDA (split)`` -- ``split_value_and_grad`` with ``mgda()``: the same feature
+  Gram, all K feature gradients from one backward pass through the heads;
+* ``tier 3 MGDA (split)`` -- ``split_value_and_jacobian`` (K encoder backward passes, head
+  gradients from the summed loss) then ``optax.chain(aggregate(mgda()), adam)``, no mask;
+* ``tier 3 MGDA (bounded)`` -- ``split_value_and_grad(gram="parameters", chunk_size=c)``:
+  the same weights and update without holding the K x encoder Jacobian;
+* ``K encoder backwards`` -- the compute floor of exact tier 3 through the split: one
+  forward pass and K encoder backward passes of random feature cotangents, nothing else;
 * ``tier 3 MGDA (strategy)`` -- ``value_and_jacobian(strategy=...)`` then
   ``optax.chain(aggregate(mgda(), shared=trunk), adam)``, for ``vmap``, ``map`` and
   ``chunked`` (``chunk_size = ceil(K / 4)``, at least 2);
@@ -21,10 +29,15 @@ other in separate rounds (idle PyTorch threads would slow the JAX calls):
   (trunk ``nn.Sequential``, K ``nn.Linear`` heads, same sizes, ``torch.set_num_threads``
   set to the cores JAX uses): ``mtl_backward(losses, features=z)`` then
   ``jac_to_grad(trunk.parameters(), MGDA())`` and ``torch.optim.Adam``; its ratio is to
-  our tier-3 MGDA with the default strategy (``auto``: ``map`` on CPU, ``vmap`` on GPU).
+  our tier-3 MGDA through the split (the same computation: K encoder backward passes).
   A plain PyTorch summed-loss step is timed too, for reference.
 
-A second table times the weighting solve alone on a K = 64 random Gram (``A Aᵀ``,
+A memory table (``--memory-tasks``, default K = 10 64 256) gives, for the plain step and
+the two exact tier-3 modes through the split, the peak memory of the compiled step (XLA's
+memory analysis of the executable: arguments + outputs + temporaries - aliased) and its
+step time, with the ratios the targets refer to.
+
+A third table times the weighting solve alone on a K = 64 random Gram (``A Aᵀ``,
 ``A`` 64 x 2000 Gaussian): ``mgda()`` and ``primary_auxiliary(primary=0)``, jitted, median
 µs per call including dispatch, cold (empty warm-start state) and warm-started from the
 previous solution.
@@ -81,8 +94,23 @@ def heads(params, z, batch) -> jax.Array:
     return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y.T).mean(axis=1)
 
 
+def split_heads(params, features, batch) -> jax.Array:
+    """``heads`` for the split: head k reads only ``features[k]`` (K copies of z)."""
+    _, y = batch
+    logits = jnp.einsum("kbd,kdc->kbc", features, params["heads"]["w"])
+    logits = logits + params["heads"]["b"][:, None]
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y.T).mean(axis=1)
+
+
 def task_losses(params, batch) -> jax.Array:
     return heads(params, encode(params, batch), batch)
+
+
+def bounded_chunk(num_tasks: int) -> int:
+    """Gram columns per batch in the bounded-memory mode: at most 4 gradients alive.
+
+    (At K = 256 on this model: peak 195 MB with 4, 255 MB with 16, 54 MB plain.)"""
+    return min(num_tasks, 4)
 
 
 # --------------------------------------------------------------------------- steps
@@ -93,13 +121,7 @@ def make_steps(
     adam = optax.adam(lr)
     steps: dict[str, tuple[Callable, Any]] = {}
 
-    def plain(state, batch):
-        params, opt_state = state
-        grads = jax.grad(lambda p: jnp.sum(task_losses(p, batch)))(params)
-        updates, opt_state = adam.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    steps["plain"] = (plain, (params, adam.init(params)))
+    steps["plain"] = (plain_step(adam), (params, adam.init(params)))
 
     for name, weighting in (("tier 1", mtl.mean_weighting()), ("tier 2 MGDA", mtl.mgda())):
         grad_fn = mtl.weighted_value_and_grad(encode, heads, weighting)
@@ -112,6 +134,8 @@ def make_steps(
 
         steps[name] = (weighted, (params, adam.init(params), weighting.init(num_tasks)))
 
+    for name, (fn, make_state) in split_steps(num_tasks, adam).items():
+        steps[name] = (fn, make_state(params))
     opt = optax.chain(
         mtl.aggregate(mtl.mgda(), num_tasks=num_tasks, shared=shared_mask(params)), adam
     )
@@ -126,7 +150,115 @@ def make_steps(
             return optax.apply_updates(params, updates), opt_state
 
         steps[f"tier 3 MGDA ({strategy})"] = (tier3, (params, opt.init(params)))
+    steps["K encoder backwards"] = (encoder_floor(num_tasks), params)
     return {name: (jax.jit(fn), state) for name, (fn, state) in steps.items()}
+
+
+def split_steps(num_tasks: int, adam) -> dict[str, tuple[Callable, Callable]]:
+    """The steps through the encoder/heads split: name -> (step, state factory)."""
+    weighting = mtl.mgda()
+    out: dict[str, tuple[Callable, Any]] = {}
+    tier2 = mtl.split_value_and_grad(encode, split_heads, weighting, num_tasks=num_tasks)
+    bounded = mtl.split_value_and_grad(
+        encode,
+        split_heads,
+        weighting,
+        num_tasks=num_tasks,
+        gram="parameters",
+        chunk_size=bounded_chunk(num_tasks),
+    )
+    for name, grad_fn in (("tier 2 MGDA (split)", tier2), ("tier 3 MGDA (bounded)", bounded)):
+
+        def weighted(state, batch, grad_fn=grad_fn):
+            params, opt_state, wstate = state
+            out = grad_fn(params, batch, wstate)
+            updates, opt_state = adam.update(out.grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, out.weighting_state
+
+        out[name] = (weighted, lambda p: (p, adam.init(p), weighting.init(num_tasks)))
+    jac = mtl.split_value_and_jacobian(encode, split_heads, num_tasks=num_tasks)
+    opt = optax.chain(mtl.aggregate(weighting, num_tasks=num_tasks), adam)
+
+    def tier3(state, batch):
+        params, opt_state = state
+        losses, task_grads = jac(params, batch)
+        updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
+        return optax.apply_updates(params, updates), opt_state
+
+    out["tier 3 MGDA (split)"] = (tier3, lambda p: (p, opt.init(p)))
+    return out
+
+
+def encoder_floor(num_tasks: int) -> Callable:
+    """One forward and K encoder backward passes (fixed random cotangents): the floor."""
+
+    def step(params, batch):
+        z, vjp = jax.vjp(lambda p: encode(p, batch), params)
+        cotangents = jax.random.normal(jax.random.PRNGKey(0), (num_tasks, *z.shape), z.dtype)
+        grads = jax.lax.map(lambda c: vjp(c)[0], cotangents)
+        return jax.tree_util.tree_map(lambda p, g: p - 1e-9 * g.sum(0), params, grads)
+
+    return step
+
+
+def peak_bytes(step: Callable, state, batch) -> int:
+    """Peak memory of the compiled step: arguments + outputs + temporaries - aliased."""
+    stats = step.lower(state, batch).compile().memory_analysis()
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+MEMORY_STEPS = ("plain", "tier 3 MGDA (split)", "tier 3 MGDA (bounded)")
+
+
+def memory_rows(
+    tasks: Sequence[int], sizes: Sequence[int], batch_size: int, calls: int
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """K -> name -> (peak MB, median step seconds) for MEMORY_STEPS, timed interleaved."""
+    rows = {}
+    for num_tasks in tasks:
+        params, batch = problem(num_tasks, sizes, batch_size)
+        adam = optax.adam(1e-3)
+        steps = {"plain": (plain_step(adam), (params, adam.init(params)))}
+        for name, (fn, make_state) in split_steps(num_tasks, adam).items():
+            if name in MEMORY_STEPS:
+                steps[name] = (fn, make_state(params))
+        jitted = {name: (jax.jit(fn), state) for name, (fn, state) in steps.items()}
+        memory = {
+            name: peak_bytes(fn, state, batch) / 2**20 for name, (fn, state) in jitted.items()
+        }
+        times = interleaved_medians(
+            {name: jax_call(fn, state, batch) for name, (fn, state) in jitted.items()}, calls=calls
+        )
+        rows[num_tasks] = {name: (memory[name], times[name]) for name in MEMORY_STEPS}
+        for name in MEMORY_STEPS:
+            print(
+                f"K={num_tasks:>3} {name:<24} {memory[name]:9.1f} MB {1e3 * times[name]:9.2f} ms",
+                flush=True,
+            )
+    return rows
+
+
+def problem(num_tasks: int, sizes: Sequence[int], batch_size: int):
+    """Random inputs and labels, initial params (seeded by K)."""
+    key_x, key_y, key_p = jax.random.split(jax.random.PRNGKey(num_tasks), 3)
+    x = jax.random.uniform(key_x, (batch_size, sizes[0]))
+    y = jax.random.randint(key_y, (batch_size, num_tasks), 0, 10)
+    return init_params(key_p, num_tasks, sizes), (x, y)
+
+
+def plain_step(adam) -> Callable:
+    def plain(state, batch):
+        params, opt_state = state
+        grads = jax.grad(lambda p: jnp.sum(task_losses(p, batch)))(params)
+        updates, opt_state = adam.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return plain
 
 
 def median_seconds(call: Callable[[], Any], *, calls: int, warmup: int = 2) -> float:
@@ -259,6 +391,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=STRATEGIES,
         help="tier-3 Jacobian strategies to time",
     )
+    parser.add_argument("--memory-tasks", type=int, nargs="+", default=[10, 64, 256])
+    parser.add_argument("--memory-steps", type=int, default=5, help="timed calls, memory table")
     parser.add_argument("--solve-tasks", type=int, default=64)
     parser.add_argument("--solve-calls", type=int, default=200)
     parser.add_argument("--no-torch", action="store_true", help="skip torchjd even if installed")
@@ -273,6 +407,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.num_tasks, args.steps, args.batch_size, args.width = [2], 3, 32, 32
+        args.memory_tasks, args.memory_steps = [3], 2
         args.solve_tasks, args.solve_calls, args.no_torch = 8, 5, True
         args.strategies = [DEFAULT_STRATEGY]
     return args
@@ -286,7 +421,7 @@ def _cell(seconds: float | None, reference: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"table", "solve_table", "rows"}``."""
+    """Run the benchmark; returns the tables (markdown) and the measured rows."""
     args = parse_args(argv)
     clock = common.Stopwatch()
     sizes = (784, args.width, args.width)
@@ -294,13 +429,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     strategies = [s for s in STRATEGIES if s in args.strategies]
     if use_torch and DEFAULT_STRATEGY not in strategies:
         strategies.insert(0, DEFAULT_STRATEGY)  # torchjd's ratio refers to it
-    names = ["plain", "tier 1", "tier 2 MGDA", *(f"tier 3 MGDA ({s})" for s in strategies)]
+    names = [
+        "plain",
+        "tier 1",
+        "tier 2 MGDA",
+        "tier 2 MGDA (split)",
+        *(f"tier 3 MGDA ({s})" for s in strategies),
+        "tier 3 MGDA (split)",
+        "tier 3 MGDA (bounded)",
+        "K encoder backwards",
+    ]
     rows: dict[int, dict[str, float]] = {}
     for num_tasks in args.num_tasks:
-        key_x, key_y, key_p = jax.random.split(jax.random.PRNGKey(num_tasks), 3)
-        x = jax.random.uniform(key_x, (args.batch_size, 784))
-        y = jax.random.randint(key_y, (args.batch_size, num_tasks), 0, 10)
-        params = init_params(key_p, num_tasks, sizes)
+        params, (x, y) = problem(num_tasks, sizes, args.batch_size)
         calls = {
             name: jax_call(step, state, (x, y))
             for name, (step, state) in make_steps(num_tasks, params, 1e-3, strategies).items()
@@ -315,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     headers = ["K", *names, "fastest tier-3 strategy"]
     if use_torch:
-        headers += ["torch plain", f"torchjd MGDA (× ours, {DEFAULT_STRATEGY})"]
+        headers += ["torch plain", "torchjd MGDA (× ours, split)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for num_tasks, row in rows.items():
         plain = row["plain"]
@@ -325,9 +466,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cells.append(fastest + (f" (chunk {chunk_size_for(num_tasks)})" * (fastest == "chunked")))
         if use_torch:
             cells.append(_cell(row["torch plain"], None))
-            cells.append(_cell(row["torchjd MGDA"], row[f"tier 3 MGDA ({DEFAULT_STRATEGY})"]))
+            cells.append(_cell(row["torchjd MGDA"], row["tier 3 MGDA (split)"]))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
+
+    memory = memory_rows(args.memory_tasks, sizes, args.batch_size, args.memory_steps)
+    memory_lines = [
+        "| K | plain: MB, ms | tier 3 split: MB, ms | tier 3 bounded: MB, ms "
+        "| bounded / plain memory | bounded / split time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for num_tasks, row in memory.items():
+        cells = [str(num_tasks)]
+        cells += [f"{mb:.1f}, {1e3 * sec:.1f}" for mb, sec in (row[n] for n in MEMORY_STEPS)]
+        (plain_mb, _), (_, split_s), (bounded_mb, bounded_s) = (row[n] for n in MEMORY_STEPS)
+        cells += [f"{bounded_mb / plain_mb:.2f}×", f"{bounded_s / split_s:.2f}×"]
+        memory_lines.append("| " + " | ".join(cells) + " |")
+    memory_table = "\n".join(memory_lines)
 
     solves = time_solves(args.solve_tasks, calls=args.solve_calls)
     solve_lines = [
@@ -350,20 +505,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.batch_size}, Adam. Median of {args.steps} jitted steps after 2 warm-up "
         "calls, interleaved across methods (ms; in parentheses the ratio to the plain step "
         "of the same run; for torchjd, the "
-        f"ratio to our tier-3 MGDA with strategy {DEFAULT_STRATEGY!r}). chunked: chunk size "
+        "ratio to our tier-3 MGDA through the split). chunked: chunk size "
         f"ceil(K/4), at least 2. JAX {jax.__version__} on {jax.default_backend()}, "
         f"{_num_cores()} cores. {torch_note} Wall time {seconds:.0f} s.\n\n"
         + table
+        + "\n\nPeak memory of the compiled step (XLA memory analysis: arguments + outputs + "
+        "temporaries - aliased) and median step time over "
+        f"{args.memory_steps} calls; bounded mode with chunk min(K, 4).\n\n"
+        + memory_table
         + "\n\nWeighting solve alone, jitted, median of "
         f"{args.solve_calls} calls including dispatch; Gram `A Aᵀ`, A {args.solve_tasks} x "
         "2000 Gaussian.\n\n" + solve_table + "\n"
     )
     print(table)
     print()
+    print(memory_table)
+    print()
     print(solve_table)
     for path in common.write_results(args.out, "speed_cpu", text, smoke=args.smoke):
         print(f"wrote {path}")
-    return {"table": table, "solve_table": solve_table, "rows": rows}
+    return {
+        "table": table,
+        "memory_table": memory_table,
+        "solve_table": solve_table,
+        "rows": rows,
+        "memory": memory,
+    }
 
 
 def _torch_versions() -> str:

@@ -4,11 +4,13 @@ The public API is flat: ``import mtl_optax as mtl`` then ``mtl.mgda()``, ``mtl.a
 ``mtl.value_and_jacobian``, ``mtl.flat_nce`` ...
 """
 
-from mtl_optax.aggregate import AggregateState, aggregate
+from mtl_optax.aggregate import AggregateState, aggregate, task_weights
 from mtl_optax.gram import task_gram
 from mtl_optax.jacobian import TaskGradients, value_and_jacobian
 from mtl_optax.losses import *  # flat public API
 from mtl_optax.solvers import frank_wolfe_simplex, min_norm_weights
+from mtl_optax.split import split_value_and_grad, split_value_and_jacobian
+from mtl_optax.train_state import apply_task_gradients
 from mtl_optax.weight_decay import weight_decay_constraint
 from mtl_optax.weighted import WeightedGrads, weighted_value_and_grad
 from mtl_optax.weighting import (

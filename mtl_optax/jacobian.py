@@ -1,4 +1,4 @@
-"""Per-task losses and stacked per-task gradients (tier 3 of DESIGN.md 2).
+"""Per-task losses and stacked per-task gradients (tier 3: the exact, K-backward-pass tier).
 
 ``value_and_jacobian(task_losses_fn)`` turns ``f(params, ...) -> (K,) losses`` into a function
 returning ``(losses, task_grads)`` where every leaf of ``task_grads`` is the gradient of
@@ -20,7 +20,8 @@ per-task ``jax.grad``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,33 +30,118 @@ import jax.numpy as jnp
 STRATEGIES = ("auto", "vmap", "map", "chunked")
 
 
-@jax.tree_util.register_pytree_node_class
-class TaskGradients:
-    """Stacked per-task gradients: ``tree`` is shaped like params with a leading task axis.
+TASK_AXIS_KEY = "task_gradients"  # the key under which the stacked tree appears in paths
 
-    A pytree node of its own, so it passes through ``jit``, ``vmap`` and ``tree_map`` but
-    cannot be mistaken for ordinary gradients: an optax transform placed before
-    :func:`mtl_optax.aggregate` in ``optax.chain`` fails on the structure mismatch instead
-    of silently treating the task axis as a batch of parameters. ``task_grads["trunk"]``
-    indexes the inner tree; ``task_grads.tree`` is the tree itself.
+
+@dataclasses.dataclass(frozen=True)
+class TaskAxis:
+    """Static description of a :class:`TaskGradients` (its pytree aux data).
+
+    ``stacked[l]`` says whether leaf ``l`` carries the leading task axis (an encoder leaf of
+    the encoder/heads split) or is already summed over the tasks (a head leaf); ``None``
+    means every leaf is stacked.
     """
 
-    def __init__(self, tree: Any):
+    stacked: tuple[bool, ...] | None = None
+
+
+class _NamedInErrors(type):
+    """JAX's pytree errors print the node *type*; this makes that text say what to do."""
+
+    def __repr__(cls) -> str:
+        return (
+            f"<class '{cls.__module__}.{cls.__qualname__}': stacked per-task gradients; "
+            "mtl.aggregate(...) must come FIRST in optax.chain (no transform before it)>"
+        )
+
+
+class TaskGradients(metaclass=_NamedInErrors):
+    """Stacked per-task gradients: ``tree`` is shaped like params with a leading task axis.
+
+    A pytree node of its own, so it passes through ``jit``, ``vmap`` and ``tree_map``, while
+    a stateful optax transform placed before :func:`mtl_optax.aggregate` in ``optax.chain``
+    fails on the structure mismatch (the error prints the type, whose text names
+    ``TaskGradients`` and says that ``aggregate`` must come first) instead of treating the
+    task axis as a batch of parameters. It behaves as a read-only mapping over ``tree`` when
+    ``tree`` is a mapping (``task_grads["trunk"]``, ``"trunk" in task_grads``,
+    ``task_grads.keys()``), so code that inspects gradients as a dict (flax's
+    ``TrainState.apply_gradients``) works.
+
+    ``stacked`` (one bool per leaf of ``tree``, or ``None`` for all) is set by the
+    encoder/heads split: head leaves arrive already summed over the tasks, with the
+    parameter's own shape, and need no ``shared`` mask.
+    """
+
+    def __init__(self, tree: Any, stacked: Sequence[bool] | None = None):
         self.tree = tree
+        self.stacked = None if stacked is None else tuple(bool(s) for s in stacked)
 
     def __getitem__(self, key):
         return self.tree[key]
 
+    def __contains__(self, key) -> bool:
+        return isinstance(self.tree, Mapping) and key in self.tree
+
+    def __iter__(self) -> Iterator:
+        return iter(self.tree) if isinstance(self.tree, Mapping) else iter(())
+
+    def __len__(self) -> int:
+        return len(self.tree) if isinstance(self.tree, Mapping) else 0
+
+    def keys(self):
+        return self.tree.keys() if isinstance(self.tree, Mapping) else ()
+
+    def values(self):
+        return self.tree.values() if isinstance(self.tree, Mapping) else ()
+
+    def items(self):
+        return self.tree.items() if isinstance(self.tree, Mapping) else ()
+
     def __repr__(self) -> str:
         return f"TaskGradients({self.tree!r})"
 
-    def tree_flatten(self):
-        return (self.tree,), None
 
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(children[0])
+def _flatten_with_keys(node: TaskGradients):
+    return ((jax.tree_util.GetAttrKey(TASK_AXIS_KEY), node.tree),), TaskAxis(node.stacked)
+
+
+def _flatten(node: TaskGradients):
+    return (node.tree,), TaskAxis(node.stacked)
+
+
+def _unflatten(aux: TaskAxis, children) -> TaskGradients:
+    return TaskGradients(children[0], aux.stacked)
+
+
+jax.tree_util.register_pytree_with_keys(TaskGradients, _flatten_with_keys, _unflatten, _flatten)
+
+
+def check_strategy(strategy: Any, chunk_size: Any) -> None:
+    """Validate a Jacobian ``strategy`` and its ``chunk_size`` (construction time)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    if strategy == "chunked" and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"strategy='chunked' needs a positive int `chunk_size`, got {chunk_size!r}."
+        )
+    if strategy != "chunked" and chunk_size is not None:
+        raise ValueError(f"`chunk_size` is only used by strategy='chunked', not {strategy!r}.")
+
+
+def map_over_tasks(fn: Callable, xs: Any, strategy: str, chunk_size: int | None) -> Any:
+    """``fn`` applied to every slice of ``xs`` along the leading task axis, stacked.
+
+    ``"vmap"`` batches all slices, ``"map"`` runs them one after another (``lax.map``),
+    ``"chunked"`` runs ``chunk_size`` at a time; ``"auto"`` is ``"map"`` on CPU and
+    ``"vmap"`` on accelerators (decided at trace time).
+    """
+    if strategy == "auto":
+        strategy = "map" if jax.default_backend() == "cpu" else "vmap"
+    if strategy == "vmap":
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=chunk_size)  # chunk_size None: one by one
 
 
 def value_and_jacobian(
@@ -83,14 +169,7 @@ def value_and_jacobian(
 
         losses, task_grads = mtl.value_and_jacobian(task_losses)(params, batch)
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
-    if strategy == "chunked" and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(
-            f"strategy='chunked' needs a positive int `chunk_size`, got {chunk_size!r}."
-        )
-    if strategy != "chunked" and chunk_size is not None:
-        raise ValueError(f"`chunk_size` is only used by strategy='chunked', not {strategy!r}.")
+    check_strategy(strategy, chunk_size)
 
     def wrapped(params, *args, **kwargs):
         def losses_only(p):
@@ -112,13 +191,7 @@ def value_and_jacobian(
         def one_task(cotangent):
             return vjp(cotangent)[0]
 
-        chosen = strategy
-        if chosen == "auto":
-            chosen = "map" if jax.default_backend() == "cpu" else "vmap"
-        if chosen == "vmap":
-            grads = jax.vmap(one_task)(cotangents)
-        else:
-            grads = jax.lax.map(one_task, cotangents, batch_size=chunk_size)  # None: one by one
+        grads = map_over_tasks(one_task, cotangents, strategy, chunk_size)
         return ((losses, aux) if has_aux else losses), TaskGradients(grads)
 
     return wrapped

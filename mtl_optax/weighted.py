@@ -1,15 +1,21 @@
-"""Tiers 1 and 2: weight the task losses, then take one backward pass (DESIGN.md 2).
+"""Tiers 1 and 2 for any model: weight the task losses, then take one backward pass.
 
 The model is split at a shared representation ``z``: ``encode(params, batch) -> z`` and
 ``task_losses(params, z, batch) -> (K,)``. One forward pass gives the losses;
 
 * tier 1 (the weighting has ``needs_gram=False``): weights from the losses alone;
 * tier 2 (``needs_gram=True``): the Gram matrix of the feature gradients ``∂L_i/∂z``
-  (K backward passes through the heads only, batched with ``vmap``), the MGDA-UB
+  (K backward passes through the heads, batched with ``vmap``), the MGDA-UB
   approximation of Sener & Koltun (2018);
 
 then one backward pass of ``Σ_i w_i L_i`` through the whole model, with ``w``
-``stop_gradient``-ed. Cost ≈ one ordinary training step.
+``stop_gradient``-ed.
+
+Here ``task_losses`` may mix the tasks arbitrarily, so the K feature gradients need K
+backward passes through all heads (cost grows like K² for K heads). When task i's loss
+reads only its own copy of the features — the usual shared-encoder model — use
+:func:`mtl_optax.split_value_and_grad`, which gets all K feature gradients from one
+backward pass and leaves each head its own task gradient.
 
 The feature-level Gram only makes sense when the tasks share input samples: with disjoint
 samples per task the feature gradients are orthogonal and ``G`` is diagonal.

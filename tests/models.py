@@ -36,3 +36,9 @@ def heads(params, z, batch):
 
 def task_losses(params, batch):
     return heads(params, encode(params, batch), batch)
+
+
+def split_heads(params, features, batch):
+    """``heads`` for the encoder/heads split: task i reads only ``features[i]``."""
+    pred = jnp.einsum("kbd,kd->bk", features, params["heads"]["w"]) + params["heads"]["b"]
+    return jnp.mean((pred - batch[1]) ** 2, axis=0)

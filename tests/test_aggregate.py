@@ -41,7 +41,7 @@ def test_shared_leaves_weighted_heads_summed():
     assert np.all(np.asarray(flat) @ u >= -1e-6)
 
 
-def test_callable_mask_and_default_all_shared():
+def test_callable_mask_and_shared_true():
     params, _, losses, task_grads = setup()
     by_name = lambda p: {
         "trunk": jax.tree_util.tree_map(lambda _: True, p["trunk"]),
@@ -52,7 +52,7 @@ def test_callable_mask_and_default_all_shared():
     ua, _ = a.update(task_grads, a.init(params), params)
     ub, _ = b.update(task_grads, b.init(params), params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, ua, ub)
-    c = mtl.aggregate(mtl.mean_weighting(), num_tasks=models.K)
+    c = mtl.aggregate(mtl.mean_weighting(), num_tasks=models.K, shared=True)
     uc, _ = c.update(task_grads, c.init(params), params)
     jax.tree_util.tree_map(
         lambda u, g: np.testing.assert_allclose(u, g.mean(0), rtol=1e-6, atol=1e-7),
@@ -104,7 +104,7 @@ def test_zero_and_single_task_gradients():
     updates, state = transform.update(zeros, transform.init(params), params)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree_util.tree_leaves(updates))
     one = jax.tree_util.tree_map(lambda g: g[:1], task_grads)
-    transform = mtl.aggregate(mtl.mgda(), num_tasks=1)
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=1, shared=True)
     updates, state = transform.update(one, transform.init(params), params)
     jax.tree_util.tree_map(
         lambda u, g: np.testing.assert_allclose(u, g[0], rtol=1e-6), updates, one.tree
@@ -123,13 +123,11 @@ def test_errors_name_the_offending_leaf():
         mtl.aggregate(mtl.mgda(), num_tasks=4, shared=models.SHARED).update(
             jax.tree_util.tree_map(lambda g: jnp.stack([g] * 4)[:, 0], plain), state, params
         )
-    with pytest.raises(ValueError, match="`shared` mask structure"):
-        wrong = mtl.aggregate(
-            mtl.mgda(), num_tasks=models.K, shared={"trunk": True, "heads": False}
-        )
+    with pytest.raises(ValueError, match="`shared` must be True, a callable"):
+        wrong = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=[True, False])
         wrong.update(task_grads, state, params)
     with pytest.raises(ValueError, match="task losses"):
-        needs = mtl.aggregate(mtl.mgda(normalization="loss"), num_tasks=models.K)
+        needs = mtl.aggregate(mtl.mgda(normalization="loss"), num_tasks=models.K, shared=True)
         needs.update(task_grads, needs.init(params), params)
 
 
@@ -169,5 +167,124 @@ def test_a_transform_before_aggregate_fails_loudly():
     params, _, _, task_grads = setup()
     assert isinstance(task_grads, mtl.TaskGradients)
     wrong = optax.chain(optax.adam(1e-3), mtl.aggregate(mtl.mgda(), num_tasks=models.K))
-    with pytest.raises(ValueError, match="TaskGradients"):
+    with pytest.raises(ValueError, match=r"TaskGradients.*must come FIRST in optax.chain"):
         wrong.update(task_grads, wrong.init(params), params)
+
+
+# ---------------------------------------------------------------- guard rails, one per case
+def test_none_state_says_to_call_init():
+    params, _, losses, task_grads = setup()
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    with pytest.raises(ValueError, match=r"state=None.*opt.init\(params\)"):
+        transform.update(task_grads, None, params, task_losses=losses)
+
+
+def test_an_optax_transform_is_not_a_weighting():
+    with pytest.raises(TypeError, match=r"`weighting` must be an mtl_optax Weighting.*AFTER"):
+        mtl.aggregate(optax.adam(1e-3), num_tasks=models.K, shared=True)
+
+
+def test_inject_hyperparams_needs_num_tasks_static():
+    params, _, losses, task_grads = setup()
+    wrong = optax.inject_hyperparams(mtl.aggregate)(
+        mtl.mgda(), num_tasks=models.K, shared=models.SHARED
+    )
+    with pytest.raises(TypeError, match=r"static_args=\('num_tasks',\)"):
+        wrong.init(params)
+    right = optax.inject_hyperparams(mtl.aggregate, static_args=("num_tasks",))(
+        mtl.mgda(), num_tasks=models.K, shared=models.SHARED
+    )
+    direct = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    ua, sa = right.update(task_grads, right.init(params), params)
+    ub, _ = direct.update(task_grads, direct.init(params), params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ua, ub)
+    np.testing.assert_array_equal(
+        mtl.task_weights(sa), mtl.task_weights((optax.EmptyState(), (sa,)))
+    )
+
+
+def test_orbax_restore_without_target_is_explained(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params, _, losses, task_grads = setup()
+    opt = optax.chain(
+        mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED), optax.adam(1e-3)
+    )
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "state", opt.init(params))
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "state")  # no target: dicts and lists
+    with pytest.raises(ValueError, match="orbax.*restore.*target"):
+        opt.update(task_grads, restored, params, task_losses=losses)
+    with_target = checkpointer.restore(tmp_path / "state", opt.init(params))
+    opt.update(task_grads, with_target, params, task_losses=losses)  # works
+
+
+@pytest.mark.parametrize("bad", [True, 3.0, 0, "3"])
+def test_num_tasks_must_be_a_positive_python_int(bad):
+    with pytest.raises(ValueError, match="`num_tasks` must be a positive int"):
+        mtl.aggregate(mtl.mgda(), num_tasks=bad, shared=True)
+
+
+def test_without_the_split_shared_is_required():
+    """No silent head weighting: plain stacked gradients need shared= (or True)."""
+    params, _, losses, task_grads = setup()
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K)
+    with pytest.raises(ValueError, match=r"pass shared=.*split_value_and_jacobian"):
+        transform.update(task_grads, transform.init(params), params)
+
+
+def test_mask_leaves_must_be_python_bools_but_a_prefix_is_fine():
+    params, _, losses, task_grads = setup()
+    arrays = jax.tree_util.tree_map(lambda _: jnp.array(True), models.SHARED)
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=arrays)
+    with pytest.raises(TypeError, match=r"mask leaf \['heads'\]\['b'\] must be a Python bool"):
+        transform.update(task_grads, transform.init(params), params)
+    prefix = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared={"trunk": True, "heads": False})
+    full = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    ua, _ = prefix.update(task_grads, prefix.init(params), params)
+    ub, _ = full.update(task_grads, full.init(params), params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ua, ub)
+
+
+def test_losses_of_another_task_count_are_rejected():
+    params, _, losses, task_grads = setup()
+    transform = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    with pytest.raises(ValueError, match=r"`task_losses` must have shape \(3,\).*got \(2,\)"):
+        transform.update(task_grads, transform.init(params), params, task_losses=losses[:2])
+
+
+def test_nan_task_losses_poison_the_update_so_apply_if_finite_skips_it():
+    params, _, losses, task_grads = setup()
+    opt = optax.chain(
+        mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED),
+        optax.apply_if_finite(optax.sgd(0.1), 3),
+    )
+    state = opt.init(params)
+    bad_losses = losses.at[1].set(jnp.nan)
+    updates, state = jax.jit(opt.update)(task_grads, state, params, task_losses=bad_losses)
+    assert bool(jnp.all(jnp.isnan(state[0].weights)))
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree_util.tree_leaves(updates))  # skipped
+    assert int(state[1].notfinite_count) == 1
+
+
+def test_clip_by_global_norm_before_aggregate_clips_the_whole_jacobian():
+    """The documented meaning: every task gradient scaled by one factor c / ‖J‖_F."""
+    params, _, losses, task_grads = setup()
+    aggregate = mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED)
+    chained = optax.chain(optax.clip_by_global_norm(1e-3), aggregate)
+    got, _ = chained.update(task_grads, chained.init(params), params)
+    norm = np.sqrt(
+        sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree_util.tree_leaves(task_grads))
+    )
+    scaled = jax.tree_util.tree_map(lambda g: g * (1e-3 / norm), task_grads)
+    expected, _ = aggregate.update(scaled, aggregate.init(params), params)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-10), got, expected
+    )
+
+
+def test_task_gradients_behave_as_a_mapping():
+    _, _, _, task_grads = setup()
+    assert "trunk" in task_grads and "nope" not in task_grads
+    assert sorted(task_grads) == ["heads", "trunk"] and len(task_grads) == 2
+    assert dict(task_grads.items())["trunk"] is task_grads["trunk"]
