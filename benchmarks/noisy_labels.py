@@ -161,7 +161,7 @@ def make_step(method: str, *, batch_size: int, lr: float) -> tuple[Callable, Cal
 
         return step, lambda p: (p, adam.init(p), weighting.init(2))
 
-    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2), adam)
+    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2, shared=True), adam)
     jac_fn = mtl.value_and_jacobian(lambda p, b: heads(p, encode(p, b), b))
 
     def step(state, key, data):

@@ -93,7 +93,7 @@ def task_losses(params, batches):
 
 
 def train_noisy(weighting, *, steps=STEPS, batch_size=128, seed=0):
-    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2), optax.adam(1e-3))
+    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2, shared=True), optax.adam(1e-3))
     value_and_jac = mtl.value_and_jacobian(task_losses)
 
     def step(state, key):

@@ -63,7 +63,7 @@ def toy_losses(x, scale_first=1.0):
 
 # %%
 def trajectories(weighting, scale_first=1.0, steps=STEPS):
-    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2), optax.adam(1e-3))
+    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2, shared=True), optax.adam(1e-3))
     value_and_jac = mtl.value_and_jacobian(lambda x: toy_losses(x, scale_first))
 
     def step(state, _):
