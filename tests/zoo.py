@@ -18,6 +18,9 @@ WEIGHTINGS = {
     "mgda_l2": lambda k: mtl.mgda(normalization="l2"),
     "mgda_frank_wolfe": lambda k: mtl.mgda(solver="frank_wolfe"),
     "primary_auxiliary": lambda k: mtl.primary_auxiliary(primary=0),
+    "upgrad": lambda k: mtl.upgrad(),
+    "dualproj": lambda k: mtl.dualproj(),
+    "cagrad": lambda k: mtl.cagrad(),
 }
 
 STACKED = {}

@@ -9,6 +9,7 @@ One module per problem family; every weighting of the same family shares its sol
 from mtl_optax.solvers.active_set import (
     check_gram,
     check_iters,
+    check_nonnegative,
     frank_wolfe_simplex,
     lower_bounded_qp,
     min_norm_weights,
@@ -17,6 +18,7 @@ from mtl_optax.solvers.active_set import (
 __all__ = [
     "check_gram",
     "check_iters",
+    "check_nonnegative",
     "frank_wolfe_simplex",
     "lower_bounded_qp",
     "min_norm_weights",

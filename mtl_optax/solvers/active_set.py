@@ -118,6 +118,17 @@ def check_iters(max_iters, name: str = "max_iters") -> int:
     return max_iters
 
 
+def check_nonnegative(name: str, value) -> float:
+    """A hyper-parameter that must be a non-negative, finite Python number (not a bool)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.floating, np.integer)
+    ):
+        raise TypeError(f"`{name}` must be a non-negative float, got {value!r}.")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative finite float, got {value!r}.")
+    return float(value)
+
+
 def _check_vector(name: str, value, k: int, *, kind: str) -> None:
     """Trace-time check that a per-task vector has shape (K,) and the right kind of dtype."""
     if jnp.shape(value) != (k,):
@@ -406,8 +417,7 @@ def frank_wolfe_simplex(
     """
     k = check_gram(gram)
     check_iters(max_iters)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"`tol` must be a non-negative number, got {tol!r}.")
+    tol = check_nonnegative("tol", tol)
     if not isinstance(line_search, bool):
         raise TypeError(f"`line_search` must be a bool, got {line_search!r}.")
     dtype = _compute_dtype(gram)

@@ -33,7 +33,6 @@ import numpy as np
 
 from mtl_optax import solvers
 from mtl_optax.weighting.base import Weighting, check_inputs, empty_init, finish
-from mtl_optax.weighting.dual_cone import check_eps
 
 _RESCALE = {0: lambda c: 1.0, 1: lambda c: 1.0 + c * c, 2: lambda c: 1.0 + c}
 
@@ -101,8 +100,8 @@ def cagrad(
         weights, _ = w.update(jac @ jac.T, None, w.init(2))
         # weights @ jac ≈ [0.1835, 1.2041, 1.2041]
     """
-    c = check_eps("c", c)
-    norm_eps = check_eps("norm_eps", norm_eps)
+    c = solvers.check_nonnegative("c", c)
+    norm_eps = solvers.check_nonnegative("norm_eps", norm_eps)
     if isinstance(rescale, bool) or not isinstance(rescale, (int, np.integer)):
         raise TypeError(f"`rescale` must be 0, 1 or 2 (an int), got {rescale!r}.")
     if int(rescale) not in _RESCALE:

@@ -41,15 +41,6 @@ class DualConeState(NamedTuple):
     support: jax.Array  # (K, K) bool for UPGrad, (1, K) for DualProj
 
 
-def check_eps(name: str, value) -> float:
-    """A non-negative, finite Python number (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"`{name}` must be a non-negative float, got {value!r}.")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative finite float, got {value!r}.")
-    return float(value)
-
-
 def _check_pref(pref_vector) -> np.ndarray | None:
     if pref_vector is None:
         return None
@@ -84,8 +75,8 @@ def _normalized_gram(gram, norm_eps: float, reg_eps: float):
 
 def _dual_cone_weighting(rows: str, pref_vector, norm_eps, reg_eps, max_iters) -> Weighting:
     """UPGrad (``rows="each"``) or DualProj (``rows="one"``) on the shared QP solver."""
-    norm_eps = check_eps("norm_eps", norm_eps)
-    reg_eps = check_eps("reg_eps", reg_eps)
+    norm_eps = solvers.check_nonnegative("norm_eps", norm_eps)
+    reg_eps = solvers.check_nonnegative("reg_eps", reg_eps)
     pref = _check_pref(pref_vector)
     if max_iters is not None:
         solvers.check_iters(max_iters)
@@ -113,9 +104,7 @@ def _dual_cone_weighting(rows: str, pref_vector, norm_eps, reg_eps, max_iters) -
         lower = jnp.diag(p) if rows == "each" else p[None, :]
         g = _normalized_gram(gram, norm_eps, reg_eps)
         solve = jax.vmap(
-            lambda low, sup: solvers.lower_bounded_qp(
-                g, low, init_support=sup, max_iters=max_iters
-            )
+            lambda low, sup: solvers.lower_bounded_qp(g, low, init_support=sup, max_iters=max_iters)
         )
         v = solve(lower, state.support)
         return finish(jnp.sum(v, axis=0)), DualConeState(support=v > lower)
