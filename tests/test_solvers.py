@@ -86,7 +86,7 @@ def test_mgda_rank_deficient(k, dim, rank):
 @pytest.mark.parametrize("k", [2, 3, 10, 64])
 @pytest.mark.parametrize("spread", [1.0, 1e3])
 def test_mgda_exact_on_badly_scaled_gradients(k, spread):
-    """Exact to float32 precision even when gradient norms differ by 10³ (DESIGN 3.2)."""
+    """Exact to float32 precision even when gradient norms differ by 10³."""
     jac = random_jacobian(k, 300, seed=7 * k, scale_spread=spread)
     gram = jac @ jac.T
     alpha = np.asarray(solve_mgda(jnp.asarray(gram, jnp.float32)), np.float64)
