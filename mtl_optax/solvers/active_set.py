@@ -31,14 +31,15 @@ maximum. The float rounding of a computed Gram entry is ``≈ ε‖g_i‖‖g_j�
 differ by 10⁸ (any spread whose squares stay normal numbers) lose nothing, and neither does a
 global scale (the tiers hand over a Gram rescaled by a power of two). The optimality test is
 relative to the rounding of the reduced gradient, ``ε · Σ_i |x̂_i + b̂_i|``; the final
-support is re-solved from scratch with one step of iterative refinement. "Exact" therefore
-means: the KKT conditions hold on the Gram as given to float precision, and the update
-``u = Σ (x_i + b_i) g_i`` has a relative error of a few ``ε`` times the conditioning of the
-active gradients (measured ≤ 1e-5 in float32 and ≤ 1e-12 in float64 on random problems with
-norm spreads up to 10⁸, see ``tests/test_solver_scale.py``). Entries of ``G`` below the
-rounding of its largest ones carry no information in a Gram computed from unscaled
-gradients; the Jacobi scaling cannot recover what the Gram never held, which is why the
-tiers compute it from power-of-two rescaled gradients.
+support's solve is iteratively refined until its residual is at rounding level (with the
+rank-2-updated inverse, or by a fresh LU factorisation when that does not suffice).
+"Exact" therefore means: the KKT conditions hold on the Gram as given to float
+precision, and the update ``u = Σ (x_i + b_i) g_i`` has a relative error of a few ``ε``
+times the conditioning of the active gradients (measured ≤ 1e-5 in float32 and ≤ 1e-12 in
+float64 on random problems with norm spreads up to 10⁸, see
+``tests/test_solver_scale.py``). What no solver can recover is a Gram entry that
+overflowed or underflowed (norms beyond ~1e±19 in float32), which is why the tiers compute
+the Gram from power-of-two rescaled gradients.
 
 Inputs: float32 at least (bf16/fp16 Grams are promoted), float64 Grams are solved in float64.
 A Gram that is not symmetric is rejected when its values are known (outside ``jit``); under
@@ -61,6 +62,9 @@ _KKT_TOL = 1e-6
 _RIDGE = 1e-10
 # Relative asymmetry |G_ij − G_ji| / √(G_ii G_jj) above which a concrete Gram is rejected.
 _SYMMETRY_TOL = 1e-4
+# Refinement steps of the final support's solve with the rank-2-updated inverse.
+_REFINEMENTS = 2
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _tolerances(dtype) -> tuple[float, float]:
@@ -188,7 +192,7 @@ def _refined_solve(matrix, rhs):
     """``matrix⁻¹ rhs`` by LU with one step of iterative refinement (working precision)."""
     lu = jax.scipy.linalg.lu_factor(matrix)
     sol = jax.scipy.linalg.lu_solve(lu, rhs)
-    residual = rhs - jnp.matmul(matrix, sol, precision=jax.lax.Precision.HIGHEST)
+    residual = rhs - jnp.matmul(matrix, sol, precision=_HIGHEST)
     return sol + jax.scipy.linalg.lu_solve(lu, residual)
 
 
@@ -219,11 +223,13 @@ def min_norm_weights(
     Primal active-set method: keep a support S and the exact minimiser on it (a KKT solve);
     free the task with the most negative reduced gradient ``(G(x + b))_j − μ c_j`` while one
     is below the rounding tolerance; when a solve leaves the orthant, step back to its
-    boundary and drop the blocking task. Two phases: the first updates the inverse KKT matrix
-    with O(K²) rank-2 updates as tasks enter and leave; the second re-solves from scratch on
-    the support found (LU plus one refinement step) and continues until the KKT conditions
-    hold with exact solves. See the module docstring for what "exact" means at extreme
-    scales.
+    boundary and drop the blocking task. The inverse KKT matrix is kept up to date with
+    O(K²) rank-2 updates as tasks enter and leave; the final support's solve is refined with
+    it (matrix-vector products) and accepted when its residual and the KKT test pass at
+    rounding level; otherwise a second phase re-solves from scratch (LU plus one refinement
+    step) until the KKT conditions hold with exact solves. A warm start builds the inverse
+    of the guessed support by the same rank-2 updates and continues from its solution when
+    that is feasible. See the module docstring for what "exact" means at extreme scales.
 
     Checked against scipy SLSQP and ``scipy.optimize.nnls`` (float64) and the KKT
     conditions in ``tests/test_solvers.py`` and ``tests/test_solver_scale.py`` (hypothesis,
@@ -267,7 +273,7 @@ def min_norm_weights(
     )
     g_hat = gram * d[:, None] * d[None, :]
     b_hat = b / d
-    q_hat = jnp.matmul(g_hat, b_hat, precision=jax.lax.Precision.HIGHEST)
+    q_hat = jnp.matmul(g_hat, b_hat, precision=_HIGHEST)
     primary = primary.astype(bool)
     has_eq = jnp.any(primary)
     cd = jnp.where(primary, d, 0.0)
@@ -293,7 +299,7 @@ def min_norm_weights(
         mu = -sol[k]
         feasible = jnp.all(jnp.where(support, z > 0, True))
         # Feasible: accept z, free the task with the most negative reduced gradient (or stop).
-        grad = jnp.matmul(g_hat, z, precision=jax.lax.Precision.HIGHEST) + q_hat - mu * c_hat
+        grad = jnp.matmul(g_hat, z, precision=_HIGHEST) + q_hat - mu * c_hat
         reduced = jnp.where(support, jnp.inf, grad)
         j = jnp.argmin(reduced)
         # Relative test: the rounding of the reduced gradient is ≈ ε Σ|x̂_i + b̂_i|.
@@ -312,7 +318,6 @@ def min_norm_weights(
     def cond(carry):
         return (~carry[2]) & (carry[3] < max_iters)
 
-    # Phase 1: inverse KKT matrix kept up to date by rank-2 updates.
     def fast_body(carry):
         x, support, _, it, inverse = carry
         x, new_support, done, toggle = step(x, support, inverse @ rhs(support))
@@ -326,16 +331,6 @@ def min_norm_weights(
         sol = _refined_solve(_kkt_matrix(g_hat, c_hat, corner, support, ridge), rhs(support))
         return step(x, support, sol)[:3]
 
-    # Phase 0: with a warm start, one exact solve on the guessed support may already be
-    # optimal (the usual case from one training step to the next).
-    done = jnp.array(False)
-    if init_support is not None:
-        guess = start_support | init_support.astype(bool)
-        x, support, done = exact_step(start, guess)
-        x = jnp.where(done, x, start)
-        support = jnp.where(done, support, start_support)
-    else:
-        x, support = start, start_support
     # The inverse KKT matrix of the start support: identity without an equality constraint;
     # with one, identity except the block [[a, c], [c, 0]]⁻¹ = [[0, 1/c], [1/c, −a/c²]]
     # on the rows (first, K).
@@ -347,17 +342,59 @@ def min_norm_weights(
         jnp.eye(2, dtype=dtype),
     )
     inverse0 = jnp.eye(k + 1, dtype=dtype).at[idx[:, None], idx[None, :]].set(block)
-    carry = (x, support, done, jnp.array(0), inverse0)
-    x, support, *_ = jax.lax.while_loop(cond, fast_body, carry)
+
+    def refined(support, inverse):
+        """Solution on ``support`` refined with ``inverse`` (matrix-vector products only),
+        and whether its residual is at rounding level."""
+        matrix, b_vec = _kkt_matrix(g_hat, c_hat, corner, support, ridge), rhs(support)
+        sol = inverse @ b_vec
+        for _ in range(_REFINEMENTS):
+            sol = sol + inverse @ (b_vec - jnp.matmul(matrix, sol, precision=_HIGHEST))
+        residual = jnp.max(jnp.abs(b_vec - jnp.matmul(matrix, sol, precision=_HIGHEST)))
+        accurate = residual <= kkt_tol * (jnp.sum(jnp.abs(sol[:k])) + size + r)
+        return sol, accurate & jnp.all(jnp.isfinite(sol))
+
+    x, support, inverse = start, start_support, inverse0
+    if init_support is not None:
+        # Phase 0 (warm start): build the inverse of the guessed support by rank-2 updates;
+        # if its solution is feasible, the active-set method continues from it (usually
+        # confirming it at once), otherwise from the cold start.
+        guess = start_support | init_support.astype(bool)
+
+        def enter(carry):
+            inv, sup = carry
+            j = jnp.argmax(guess & ~sup)
+            return _toggle_inverse(inv, g_hat, c_hat, sup, j, ridge), sup.at[j].set(True)
+
+        inverse_g, _ = jax.lax.while_loop(
+            lambda carry: jnp.any(guess & ~carry[1]), enter, (inverse0, start_support)
+        )
+        sol, accurate = refined(guess, inverse_g)
+        z = jnp.where(guess, sol[:k], 0.0)
+        use = accurate & jnp.all(jnp.where(guess, z > 0, True))
+        x, support = jnp.where(use, z, start), jnp.where(use, guess, start_support)
+        inverse = jnp.where(use, inverse_g, inverse0)
+
+    # Phase 1: the active-set iterations with the inverse kept up to date.
+    done = jnp.array(False)
+    carry = (x, support, done, jnp.array(0), inverse)
+    x, support, phase1_done, _, inverse = jax.lax.while_loop(cond, fast_body, carry)
     ok = jnp.all(jnp.isfinite(x))
     x, support = jnp.where(ok, x, start), jnp.where(ok, support, start_support)
+
+    # Polish: refine the final support's solve with the updated inverse; accepted when the
+    # residual and the optimality test pass, otherwise phase 2 re-solves by LU.
+    sol, accurate = refined(support, inverse)
+    x_p, _, optimal, _ = step(x, support, sol)
+    polished = phase1_done & ok & accurate & optimal
+    x = jnp.where(polished, x_p, x)
 
     # Phase 2: exact solves from the support found (usually a single solve confirms it).
     def exact_body(carry):
         x, support, _, it = carry
         return (*exact_step(x, support), it + 1)
 
-    carry = (x, support, done, jnp.array(0))
+    carry = (x, support, polished, jnp.array(0))
     x, *_ = jax.lax.while_loop(cond, exact_body, carry)
     return jnp.where(finite, x * d, jnp.nan)
 
