@@ -8,44 +8,11 @@ from mtl_optax.aggregate import AggregateState, aggregate, task_weights
 from mtl_optax.gram import task_gram
 from mtl_optax.jacobian import TaskGradients, value_and_jacobian
 from mtl_optax.losses import *  # flat public API
-from mtl_optax.solvers import frank_wolfe_simplex, min_norm_weights
+from mtl_optax.solvers import frank_wolfe_simplex, lower_bounded_qp, min_norm_weights
 from mtl_optax.split import split_value_and_grad, split_value_and_jacobian
 from mtl_optax.train_state import apply_task_gradients
 from mtl_optax.weight_decay import weight_decay_constraint
 from mtl_optax.weighted import WeightedGrads, weighted_value_and_grad
-from mtl_optax.weighting import (
-    EmptyWeightingState,
-    MinNormState,
-    Weighting,
-    constant_weighting,
-    gradient_normalized,
-    mean_weighting,
-    mgda,
-    primary_auxiliary,
-    sum_weighting,
-)
-from mtl_optax.weighting.dynamic import DWAState, dwa, stch
-from mtl_optax.weighting.learned import (
-    FAMOState,
-    GradNormState,
-    LogScaleState,
-    famo,
-    gradnorm,
-    imtl_l,
-    uncertainty_weighting,
-)
-from mtl_optax.weighting.loss_scale import (
-    WarmupMeanState,
-    cross_entropy_initial_loss,
-    cross_entropy_prior_loss,
-    generalized_mean,
-    geometric_mean,
-    initial_loss_weighting,
-    prior_loss_weighting,
-    real_time_weighting,
-    squared_error_initial_loss,
-    squared_error_prior_loss,
-)
-from mtl_optax.weighting.randomized import RandomWeightingState, random_weighting, rlw
+from mtl_optax.weighting import *  # flat public API: every weighting and its state type
 
 __version__ = "0.1.0"

@@ -86,7 +86,7 @@ def test_mgda_rank_deficient(k, dim, rank):
 @pytest.mark.parametrize("k", [2, 3, 10, 64])
 @pytest.mark.parametrize("spread", [1.0, 1e3])
 def test_mgda_exact_on_badly_scaled_gradients(k, spread):
-    """Exact to float32 precision even when gradient norms differ by 10³ (DESIGN 3.2)."""
+    """Exact to float32 precision even when gradient norms differ by 10³."""
     jac = random_jacobian(k, 300, seed=7 * k, scale_spread=spread)
     gram = jac @ jac.T
     alpha = np.asarray(solve_mgda(jnp.asarray(gram, jnp.float32)), np.float64)
@@ -238,3 +238,51 @@ def test_argument_checks():
         mtl.min_norm_weights(gram, jnp.ones(2, bool))
     with pytest.raises(ValueError, match="max_iters"):
         mtl.min_norm_weights(gram, jnp.ones(3, bool), max_iters=0)
+
+
+def test_bad_inputs_from_the_audit():
+    """Integer/bool-index primaries, asymmetric Grams, bad loop settings: clear errors."""
+    gram = jnp.eye(3)
+    with pytest.raises(ValueError, match="`primary` must be a bool mask"):
+        mtl.min_norm_weights(gram, jnp.array([1, 0, 0]))
+    with pytest.raises(ValueError, match="`init_support` must be a bool mask"):
+        mtl.min_norm_weights(gram, jnp.ones(3, bool), init_support=jnp.ones(3))
+    with pytest.raises(ValueError, match="symmetric.*gram\\[0, 1\\]"):
+        mtl.min_norm_weights(jnp.array([[1.0, 0.5], [0.0, 1.0]]), jnp.ones(2, bool))
+    with pytest.raises(ValueError, match="floating point"):
+        mtl.min_norm_weights(jnp.eye(2, dtype=jnp.int32), jnp.ones(2, bool))
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="max_iters"):
+            mtl.frank_wolfe_simplex(gram, max_iters=bad)
+        with pytest.raises(ValueError, match="max_iters"):
+            mtl.min_norm_weights(gram, jnp.ones(3, bool), max_iters=bad)
+    with pytest.raises(ValueError, match="tol"):
+        mtl.frank_wolfe_simplex(gram, tol=-1.0)
+
+
+def test_traced_asymmetric_gram_uses_its_symmetric_part():
+    """Under jit the symmetry cannot be checked: (G + Gᵀ)/2 is solved (documented)."""
+    jac = random_jacobian(3, 6, seed=5)
+    gram = jac @ jac.T
+    skew = np.array([[0.0, 0.3, -0.2], [-0.3, 0.0, 0.1], [0.2, -0.1, 0.0]])
+    x = solve(jnp.asarray(gram + skew, jnp.float32), jnp.ones(3, bool))
+    np.testing.assert_allclose(x, solve_mgda(jnp.asarray(gram, jnp.float32)), atol=1e-6)
+
+
+def test_lower_bounded_qp_matches_slsqp_and_float16_grams_are_promoted():
+    jac = random_jacobian(4, 10, seed=8, common=-0.3)
+    gram = jac @ jac.T
+    lower = np.array([0.5, 0.0, 1.0, 0.2])
+    result = minimize(
+        lambda v: v @ gram @ v,
+        lower + 1,
+        jac=lambda v: 2 * gram @ v,
+        bounds=[(lo, None) for lo in lower],
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    v = np.asarray(mtl.lower_bounded_qp(jnp.asarray(gram, jnp.float32), jnp.asarray(lower)))
+    assert np.all(v >= lower)
+    np.testing.assert_allclose(v @ jac, result.x @ jac, atol=1e-5 * np.abs(jac).max())
+    half = solve(jnp.asarray(gram, jnp.float16), jnp.ones(4, bool))
+    assert half.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(half)))

@@ -33,6 +33,9 @@ ALL = {
     "mgda_fw_fixed": mtl.mgda(solver="frank_wolfe_fixed_step"),
     "primary_auxiliary": mtl.primary_auxiliary(primary=0),
     "two_primaries": mtl.primary_auxiliary(primary=(0, 2)),
+    "upgrad": mtl.upgrad(),
+    "dualproj": mtl.dualproj(),
+    "cagrad": mtl.cagrad(),
 }
 
 
@@ -177,3 +180,47 @@ def test_gradient_normalized_nan_on_non_finite_norm():
     w = run(mtl.gradient_normalized(), jnp.diag(jnp.array([4.0, jnp.nan, 0.0])))
     np.testing.assert_array_equal(np.isnan(w), [False, True, False])
     np.testing.assert_allclose(w[0], 0.5)
+
+
+def test_mgda_loss_normalizations_on_bad_losses():
+    """NaN/inf losses give NaN weights (apply_if_finite skips); zero losses count as 1."""
+    jac = jacobian(6)
+    gram = jnp.asarray(jac @ jac.T, jnp.float32)
+    for bad in (np.nan, np.inf):
+        losses = jnp.array([1.0, bad, 2.0, 0.5], jnp.float32)
+        for norm in ("loss", "loss+"):
+            assert bool(jnp.all(jnp.isnan(run(mtl.mgda(normalization=norm), gram, losses))))
+    zero = jnp.zeros(K, jnp.float32)
+    np.testing.assert_allclose(
+        run(mtl.mgda(normalization="loss+"), gram, zero),
+        run(mtl.mgda(normalization="l2"), gram, zero),
+        rtol=1e-6,
+    )
+
+
+def test_hyper_parameter_and_state_checks():
+    for bad in (-1e-12, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            mtl.mgda(eps=bad)
+        with pytest.raises(ValueError, match="eps"):
+            mtl.gradient_normalized(eps=bad)
+        with pytest.raises(ValueError, match="tol"):
+            mtl.mgda(tol=bad)
+    with pytest.raises(TypeError, match="eps"):
+        mtl.mgda(eps=None)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="max_iters"):
+            mtl.mgda(solver="frank_wolfe", max_iters=bad)
+        with pytest.raises(ValueError, match="max_iters"):
+            mtl.mgda(max_iters=bad)
+    with pytest.raises(ValueError, match="bools"):
+        mtl.primary_auxiliary(primary=[0, True])
+    with pytest.raises(ValueError, match="bools"):
+        mtl.primary_auxiliary(primary=True)
+    with pytest.raises(ValueError, match="twice"):
+        mtl.primary_auxiliary(primary=[1, 1])
+    with pytest.raises(ValueError, match="twice for 3 tasks"):
+        mtl.primary_auxiliary(primary=[0, -3]).init(3)
+    for w in (mtl.mgda(), mtl.primary_auxiliary()):
+        with pytest.raises(TypeError, match="init\\(2\\)"):
+            w.update(jnp.eye(2), None, None)

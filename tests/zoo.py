@@ -33,6 +33,9 @@ WEIGHTINGS = {
     "dwa": lambda k: mtl.dwa(window=2),
     "stch": lambda k: mtl.stch(warmup=2),
     "random": lambda k: mtl.random_weighting(key=jax.random.PRNGKey(0)),
+    "upgrad": lambda k: mtl.upgrad(),
+    "dualproj": lambda k: mtl.dualproj(),
+    "cagrad": lambda k: mtl.cagrad(),
 }
 
 STACKED = {}

@@ -2,9 +2,24 @@
 
 One module per problem family; every weighting of the same family shares its solver.
 
-* :mod:`.active_set`: min-norm quadratic programs on the Gram matrix (simplex, orthant).
+* :mod:`.active_set`: min-norm quadratic programs on the Gram matrix (simplex, orthant,
+  with an offset: lower-bounded and linear-term QPs).
 """
 
-from mtl_optax.solvers.active_set import check_gram, frank_wolfe_simplex, min_norm_weights
+from mtl_optax.solvers.active_set import (
+    check_gram,
+    check_iters,
+    check_nonnegative,
+    frank_wolfe_simplex,
+    lower_bounded_qp,
+    min_norm_weights,
+)
 
-__all__ = ["check_gram", "frank_wolfe_simplex", "min_norm_weights"]
+__all__ = [
+    "check_gram",
+    "check_iters",
+    "check_nonnegative",
+    "frank_wolfe_simplex",
+    "lower_bounded_qp",
+    "min_norm_weights",
+]

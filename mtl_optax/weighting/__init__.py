@@ -2,6 +2,8 @@
 
 from mtl_optax.weighting.base import EmptyWeightingState, Weighting
 from mtl_optax.weighting.basic import constant_weighting, mean_weighting, sum_weighting
+from mtl_optax.weighting.cagrad import cagrad
+from mtl_optax.weighting.dual_cone import DualConeState, dualproj, upgrad
 from mtl_optax.weighting.dynamic import DWAState, dwa, stch
 from mtl_optax.weighting.learned import (
     FAMOState,
@@ -29,36 +31,40 @@ from mtl_optax.weighting.normalized import gradient_normalized
 from mtl_optax.weighting.randomized import RandomWeightingState, random_weighting, rlw
 
 __all__ = [
-    "EmptyWeightingState",
-    "MinNormState",
-    "Weighting",
-    "constant_weighting",
-    "gradient_normalized",
-    "mean_weighting",
-    "mgda",
-    "primary_auxiliary",
-    "sum_weighting",
     "DWAState",
-    "dwa",
-    "stch",
+    "DualConeState",
+    "EmptyWeightingState",
     "FAMOState",
     "GradNormState",
     "LogScaleState",
-    "famo",
-    "gradnorm",
-    "imtl_l",
-    "uncertainty_weighting",
+    "MinNormState",
+    "RandomWeightingState",
     "WarmupMeanState",
+    "Weighting",
+    "cagrad",
+    "constant_weighting",
     "cross_entropy_initial_loss",
     "cross_entropy_prior_loss",
+    "dualproj",
+    "dwa",
+    "famo",
     "generalized_mean",
     "geometric_mean",
+    "gradient_normalized",
+    "gradnorm",
+    "imtl_l",
     "initial_loss_weighting",
+    "mean_weighting",
+    "mgda",
+    "primary_auxiliary",
     "prior_loss_weighting",
+    "random_weighting",
     "real_time_weighting",
+    "rlw",
     "squared_error_initial_loss",
     "squared_error_prior_loss",
-    "RandomWeightingState",
-    "random_weighting",
-    "rlw",
+    "stch",
+    "sum_weighting",
+    "uncertainty_weighting",
+    "upgrad",
 ]

@@ -1,4 +1,4 @@
-"""Min-norm weightings: MGDA and primary/auxiliary projection (DESIGN.md 3.2-3.3).
+"""Min-norm weightings: MGDA and primary/auxiliary projection.
 
 Both solve ``min ‖Σ_i x_i g_i‖²`` over ``x ≥ 0`` with ``Σ_{i ∈ P} x_i = 1`` for a set
 ``P`` of primary tasks (:func:`mtl_optax.solvers.min_norm_weights`):
@@ -12,12 +12,14 @@ Both solve ``min ‖Σ_i x_i g_i‖²`` over ``x ≥ 0`` with ``Σ_{i ∈ P} x_i
   ``min_{λ ≥ 0} ‖g_0 + Σ_j λ_j g_j‖²``. With one auxiliary this is the closed form
   ``λ = relu(−⟨g_0, g_1⟩)/‖g_1‖²``; the KKT conditions hold: ``λ ≥ 0``,
   ``⟨u, g_j⟩ ≥ 0``, ``λ_j ⟨u, g_j⟩ = 0`` and ``⟨u, g_0⟩ = ‖u‖²``. Several primaries are
-  combined on their simplex (the problem the source leaves open, solved exactly).
+  combined on their simplex (a case the source leaves open, solved exactly).
 
 The state keeps the last support of the weights to warm-start the next solve.
 All-zero gradients give ``u = 0`` (every feasible weight is optimal; which one is returned
 is unspecified). A task with a zero gradient makes ``u = 0`` in MGDA (it is
-Pareto-stationary) and gets ``λ = 0`` as an auxiliary. A non-finite Gram gives NaN weights.
+Pareto-stationary) and gets ``λ = 0`` as an auxiliary. A non-finite Gram (or, for the
+loss normalisations, a non-finite loss) gives NaN weights, so ``optax.apply_if_finite``
+skips the step.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_optax import solvers
 from mtl_optax.weighting.base import Weighting, check_inputs, check_num_tasks, finish
@@ -47,6 +50,11 @@ def _init(num_tasks: int) -> MinNormState:
 
 
 def _check_state(state: MinNormState, k: int) -> None:
+    if not isinstance(state, MinNormState):
+        raise TypeError(
+            f"`state` must be the MinNormState returned by the weighting's init(K), got "
+            f"{type(state).__name__}; call state = weighting.init({k})."
+        )
     if jnp.shape(state.support) != (k,):
         raise ValueError(
             f"The weighting state was initialised for {jnp.shape(state.support)[0]} tasks but "
@@ -68,13 +76,16 @@ def mgda(
       normalization: rescale each gradient before solving, as in the original MGDA code:
         ``"none"``, ``"l2"`` (``g_i/‖g_i‖``), ``"loss"`` (``g_i/L_i``) or ``"loss+"``
         (``g_i/(L_i ‖g_i‖)``). The returned weights include the rescaling
-        (``w_i = α_i / n_i``), so ``Σ w_i g_i`` is the update. Norms or losses ``≤ eps``
-        count as 1 (a zero gradient or loss carries no scale).
+        (``w_i = α_i / n_i``), so ``Σ w_i g_i`` is the update. Each factor (norm, loss)
+        that is ``≤ eps`` counts as 1 (a zero gradient or loss carries no scale), so
+        ``"loss+"`` with zero losses gives the ``"l2"`` weights. A NaN or infinite loss
+        gives NaN weights.
       solver: ``"active_set"`` (default; exact, see :func:`solvers.min_norm_weights`),
         ``"frank_wolfe"`` (exact line search, the original solver; sublinear on faces) or
         ``"frank_wolfe_fixed_step"`` (``α ← (kα + e_τ)/(k + 1)``).
       max_iters: solver iteration cap (default ``3K + 10`` active set, 250 Frank–Wolfe).
-      tol: Frank–Wolfe stopping tolerance on ``‖Δα‖₁``.
+      tol: Frank–Wolfe stopping tolerance on ``‖Δα‖₁`` (≥ 0).
+      eps: threshold of the normalisations (≥ 0, finite), default 1e-12.
 
     Checked in ``tests/test_weightings.py`` against scipy SLSQP on random, rank-deficient
     and badly scaled Grams (K = 1, 2, 3, 10), the K = 2 closed form, and the
@@ -91,6 +102,10 @@ def mgda(
         )
     if solver not in _SOLVERS:
         raise ValueError(f"`solver` must be one of {_SOLVERS}, got {solver!r}.")
+    eps = solvers.check_nonnegative("eps", eps)
+    tol = solvers.check_nonnegative("tol", tol)
+    if max_iters is not None:
+        solvers.check_iters(max_iters)
 
     def update(gram, losses, state, **extra):
         del extra
@@ -98,11 +113,14 @@ def mgda(
         _check_state(state, k)
         scale = jnp.ones(k, gram.dtype)
         if normalization in ("l2", "loss+"):
-            scale = scale * jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+            norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+            scale = scale * jnp.where(norms > eps, norms, 1.0)
         if normalization in ("loss", "loss+"):
-            scale = scale * losses.astype(gram.dtype)
-        scale = jnp.where(scale > eps, scale, 1.0)
+            losses = losses.astype(gram.dtype)
+            scale = scale * jnp.where(losses > eps, losses, 1.0)
+            scale = jnp.where(jnp.isfinite(losses), scale, jnp.nan)
         scaled = gram / (scale[:, None] * scale[None, :])
+        scaled = jnp.where(jnp.all(jnp.isfinite(scale)), scaled, 0.0)
         if solver == "active_set":
             alpha = solvers.min_norm_weights(
                 scaled, jnp.ones(k, bool), init_support=state.support, max_iters=max_iters
@@ -114,7 +132,8 @@ def mgda(
                 tol=tol,
                 line_search=solver == "frank_wolfe",
             )
-        return finish(alpha / scale), MinNormState(support=alpha > 0)
+        weights = jnp.where(jnp.all(jnp.isfinite(scale)), alpha / scale, jnp.nan)
+        return finish(weights), MinNormState(support=alpha > 0)
 
     weighting = Weighting(
         _init,
@@ -150,22 +169,33 @@ def primary_auxiliary(
         w = mtl.primary_auxiliary(primary=0)       # task 0 primary, tasks 1.. auxiliary
         weights, state = w.update(gram, None, w.init(3))   # weights[0] == 1
     """
-    try:  # any integer scalar (int, np.int64, a concrete 0-d array) or a sequence of them
-        indices = (operator.index(primary),)
+
+    def index(i):  # an integer (int, np.int64, a concrete 0-d int array), never a bool
+        if isinstance(i, (bool, np.bool_)) or jnp.result_type(i) == jnp.bool_:
+            raise TypeError
+        return operator.index(i)
+
+    try:
+        indices = (index(primary),)
     except TypeError:
         try:
-            indices = tuple(operator.index(i) for i in primary)
+            indices = tuple(index(i) for i in primary)
         except TypeError:
             indices = ()
-    if not indices or isinstance(primary, bool):
+    if not indices:
         raise ValueError(
-            f"`primary` must be an int or a non-empty sequence of ints, got {primary!r}."
+            f"`primary` must be an int or a non-empty sequence of ints (task indices, not "
+            f"bools), got {primary!r}."
         )
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"`primary` lists a task twice: {primary!r}.")
 
     def mask(k: int) -> jax.Array:
         bad = [i for i in indices if not -k <= i < k]
         if bad:
             raise ValueError(f"`primary` index {bad[0]} is out of range for {k} tasks.")
+        if len({i % k for i in indices}) != len(indices):
+            raise ValueError(f"`primary` lists a task twice for {k} tasks: {indices}.")
         return jnp.zeros(k, bool).at[jnp.asarray(indices)].set(True)
 
     def init(num_tasks):

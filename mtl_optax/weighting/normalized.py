@@ -1,4 +1,4 @@
-"""Gradient-normalised weighting: update ``Σ_i g_i / ‖g_i‖`` (DESIGN.md 3.1).
+"""Gradient-normalised weighting: update ``Σ_i g_i / ‖g_i‖``.
 
 ``w_i = 1 / sg(‖g_i‖)`` with ``‖g_i‖² = G_ii``: only the Gram diagonal is needed. The
 update is invariant to rescaling any task's loss (``L_i → c L_i``, ``c > 0``) and to
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from mtl_optax import solvers
 from mtl_optax.weighting.base import (
     Weighting,
     check_inputs,
@@ -32,6 +33,7 @@ def gradient_normalized(*, eps: float = 1e-12) -> Weighting:
         w = mtl.gradient_normalized()
         weights, _ = w.update(jnp.diag(jnp.array([4.0, 0.25])), None, w.init(2))  # [0.5, 2.0]
     """
+    eps = solvers.check_nonnegative("eps", eps)
 
     def update(gram, losses, state, **extra):
         del extra
