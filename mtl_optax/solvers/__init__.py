@@ -3,8 +3,11 @@
 One module per problem family; every weighting of the same family shares its solver.
 
 * :mod:`.active_set`: min-norm quadratic programs on the Gram matrix (simplex, orthant).
+* :mod:`.newton`: damped Newton for ``G w = w^{−p}``, ``w > 0`` (Nash-MTL, FairGrad).
 """
 
 from mtl_optax.solvers.active_set import check_gram, frank_wolfe_simplex, min_norm_weights
+from mtl_optax.solvers.newton import power_balance_weights
 
 __all__ = ["check_gram", "frank_wolfe_simplex", "min_norm_weights"]
+__all__ += ["power_balance_weights"]

@@ -23,8 +23,8 @@ or after ``max_iters``.
 Singular ``G``. ``F`` is unbounded below when ``G`` has a non-negative null vector (e.g.
 two exactly opposite gradients ``g_1 = −g_2``: no step helps both, no bargaining solution
 exists), so a relative ridge ``ridge · I`` is added to ``C`` (default 8 machine epsilons
-of the working dtype, ≈ 1e-6 in float32: the rounding level of ``C``'s unit diagonal): the solution then always
-exists and, since null vectors of ``G`` are null vectors of ``Jᵀ``, the update ``Jᵀw`` is
+of the working dtype, ≈ 1e-6 in float32: the rounding level of ``C``'s unit diagonal); a
+solution then always exists and, since null vectors of ``G`` are null vectors of ``Jᵀ``, the update ``Jᵀw`` is
 changed by at most that relative amount. A task with a zero gradient has no finite
 solution (row i reads ``0 = w_i^{−p}``); it gets weight 0 (its gradient contributes
 nothing either way) and the others are solved among themselves. Non-finite Grams give NaN
