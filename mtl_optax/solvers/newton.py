@@ -24,9 +24,9 @@ Singular ``G``. ``F`` is unbounded below when ``G`` has a non-negative null vect
 two exactly opposite gradients ``g_1 = −g_2``: no step helps both, no bargaining solution
 exists), so a relative ridge ``ridge · I`` is added to ``C`` (default 8 machine epsilons
 of the working dtype, ≈ 1e-6 in float32: the rounding level of ``C``'s unit diagonal); a
-solution then always exists and, since null vectors of ``G`` are null vectors of ``Jᵀ``, the update ``Jᵀw`` is
-changed by at most that relative amount. A task with a zero gradient has no finite
-solution (row i reads ``0 = w_i^{−p}``); it gets weight 0 (its gradient contributes
+solution then always exists and, since null vectors of ``G`` are null vectors of ``Jᵀ``,
+the update ``Jᵀw`` changes by at most that relative amount. A task with a zero gradient
+has no finite solution (row i reads ``0 = w_i^{−p}``); it gets weight 0 (its gradient contributes
 nothing either way) and the others are solved among themselves. Non-finite Grams give NaN
 weights, so the update is non-finite and ``optax.apply_if_finite`` skips it.
 
