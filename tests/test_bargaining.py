@@ -93,3 +93,18 @@ def test_bad_hyper_parameters():
         mtl.nash_mtl(max_norm=-1.0)
     with pytest.raises(TypeError, match="max_iters"):
         mtl.nash_mtl(max_iters=2.5)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e9])
+def test_fairgrad_through_aggregate_at_extreme_scales(scale):
+    """homogeneity −α/(1+α): the tier solves on the power-of-two rescaled Gram and multiplies
+    the weights back; they satisfy the true Gram's fixed point ``Gw = w^{−1/α}`` (float64)."""
+    jac = jacobian(8, k=3) * scale
+    alpha = 2.0
+    t = mtl.aggregate(mtl.fairgrad(alpha=alpha), num_tasks=3)
+    params = jnp.zeros(jac.shape[1])
+    _, state = jax.jit(t.update)(jnp.asarray(jac, jnp.float32), t.init(params), params)
+    w = np.asarray(state.weights, np.float64)
+    gram = jac @ jac.T
+    residual = (gram @ w - w ** (-1 / alpha)) / (np.abs(gram) @ w)
+    assert np.all(w > 0) and np.max(np.abs(residual)) < 5e-6

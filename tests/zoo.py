@@ -35,7 +35,7 @@ WEIGHTINGS = {
 }
 
 STACKED = {
-    "trimmed_mean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=(k - 1) // 2 // 2),
+    "trimmed_mean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=min(1, (k - 1) // 2)),
     "graddrop": lambda k: mtl.graddrop(num_tasks=k, key=jax.random.PRNGKey(0)),
     "db_mtl": lambda k: mtl.db_mtl(num_tasks=k),
     "excess_mtl": lambda k: mtl.excess_mtl(num_tasks=k),
