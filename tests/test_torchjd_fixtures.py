@@ -25,6 +25,7 @@ Rows for ``upgrad``, ``dualproj`` and ``cagrad`` need those methods, which ship 
 they fail (AttributeError) until then.
 """
 
+import functools
 import pathlib
 
 import jax
@@ -83,14 +84,20 @@ def run(transform, grads_sequence):
     return outs
 
 
+@functools.cache
+def jitted_weights(name, k):
+    """One compiled solve per method and K (cases with the same K share it)."""
+    weighting = WEIGHTINGS[name][0](k)
+    return jax.jit(lambda gram: weighting.update(gram, None, weighting.init(k))[0])
+
+
 def ours(name, jac):
     """Our update on ``jac``: the weighting on the float32 Gram, or the stacked transform."""
     k = jac.shape[0]
     if name in STACKED:
         return run(STACKED[name](k), [jac])[0]
-    weighting = WEIGHTINGS[name][0](k)
     gram = jnp.asarray(jac, jnp.float32) @ jnp.asarray(jac, jnp.float32).T
-    weights, _ = jax.jit(weighting.update)(gram, None, weighting.init(k))
+    weights = jitted_weights(name, k)(gram)
     return np.asarray(weights, np.float64) @ jac.astype(np.float32).astype(np.float64)
 
 
