@@ -9,6 +9,7 @@ from mtl_optax.gram import task_gram
 from mtl_optax.jacobian import TaskGradients, value_and_jacobian
 from mtl_optax.losses import *  # flat public API
 from mtl_optax.solvers import frank_wolfe_simplex, lower_bounded_qp, min_norm_weights
+from mtl_optax.split import split_value_and_grad, split_value_and_jacobian
 from mtl_optax.stacked import (
     DBMTLState,
     ExcessMTLState,
@@ -18,7 +19,6 @@ from mtl_optax.stacked import (
     graddrop,
     trimmed_mean,
 )
-from mtl_optax.split import split_value_and_grad, split_value_and_jacobian
 from mtl_optax.train_state import apply_task_gradients
 from mtl_optax.weight_decay import weight_decay_constraint
 from mtl_optax.weighted import WeightedGrads, weighted_value_and_grad

@@ -34,38 +34,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_optax.aggregate import check_task_axis, resolve_mask
-from mtl_optax.jacobian import TaskGradients
+from mtl_optax.aggregate import resolve_mask, task_leaves
 from mtl_optax.weighting.base import check_num_tasks
 from mtl_optax.weighting.hyper import check_int, check_key, check_real
 
 
 def _split_leaves(task_grads, num_tasks, params, shared):
-    """``(leaves, treedef, mask)`` of stacked gradients, checked like ``aggregate`` does."""
-    if isinstance(task_grads, TaskGradients):
-        task_grads = task_grads.tree
-    check_task_axis(task_grads, num_tasks, params)
-    if params is None:  # what a callable mask sees: the param shapes, no task axis
-        params_like = jax.tree_util.tree_map(
-            lambda g: jax.ShapeDtypeStruct(g.shape[1:], g.dtype), task_grads
-        )
-    else:
-        params_like = params
-    mask = resolve_mask(shared, params_like)
-    leaves, treedef = jax.tree_util.tree_flatten(task_grads)
-    return leaves, treedef, mask
+    """``(leaves, treedef, mask, stacked)``, resolved exactly as :func:`aggregate` does."""
+    _, leaves, treedef, mask, stacked = task_leaves(task_grads, num_tasks, params, shared)
+    return leaves, treedef, mask, stacked
 
 
 def _accumulation_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
 
 
-def _combine_leaves(leaves, treedef, mask, combine_shared: Callable, combine_other=None):
-    """Apply ``combine_shared(index, leaf)`` to shared leaves, sum the others over tasks."""
+def _combine_leaves(leaves, treedef, mask, stacked, combine_shared: Callable, combine_other=None):
+    """Apply ``combine_shared(index, leaf)`` to shared leaves, sum the other stacked leaves
+    over tasks (or ``combine_other``); head leaves of the split arrive summed and pass as is."""
     out = []
-    for index, (use, leaf) in enumerate(zip(mask, leaves)):
+    for index, (use, is_stacked, leaf) in enumerate(zip(mask, stacked, leaves)):
         if use:
             combined = combine_shared(index, leaf.astype(_accumulation_dtype(leaf)))
+        elif not is_stacked:
+            combined = leaf
         elif combine_other is not None:
             combined = combine_other(index, leaf.astype(_accumulation_dtype(leaf)))
         else:
@@ -107,12 +99,12 @@ def trimmed_mean(
 
     def update(task_grads, state, params=None, **extra):
         del extra
-        leaves, treedef, mask = _split_leaves(task_grads, k, params, shared)
+        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
 
         def combine(_, leaf):
             return jnp.mean(jnp.sort(leaf, axis=0)[trim : k - trim], axis=0)
 
-        return _combine_leaves(leaves, treedef, mask, combine), state
+        return _combine_leaves(leaves, treedef, mask, stacked, combine), state
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -164,7 +156,7 @@ def graddrop(
 
     def update(task_grads, state, params=None, **extra):
         del extra
-        leaves, treedef, mask = _split_leaves(task_grads, k, params, shared)
+        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
         next_key, sub = jax.random.split(state.key)
         keys = jax.random.split(sub, len(leaves))
 
@@ -176,7 +168,7 @@ def graddrop(
             lk = leak_values.astype(leaf.dtype).reshape((k,) + (1,) * (leaf.ndim - 1))
             return jnp.sum((lk + (1.0 - lk) * keep) * leaf, axis=0)
 
-        return _combine_leaves(leaves, treedef, mask, combine), GradDropState(next_key)
+        return _combine_leaves(leaves, treedef, mask, stacked, combine), GradDropState(next_key)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -242,8 +234,14 @@ def db_mtl(
 
     def update(task_grads, state, params=None, *, task_losses=None, **extra):
         del extra
-        leaves, treedef, mask = _split_leaves(task_grads, k, params, shared)
+        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
         _check_losses(task_losses, k, "db_mtl")
+        if not all(stacked):
+            raise ValueError(
+                "db_mtl rescales each task's gradient by 1/(L_i + eps), the heads' too, so it "
+                "needs them per task: compute the gradients with value_and_jacobian and pass "
+                "shared= (the encoder/heads split delivers the head gradients already summed)."
+            )
         count = state.count + 1
         rate = beta / count.astype(jnp.float32) ** beta_sigma
         scale = 1.0 / (jnp.asarray(task_losses, jnp.float32) + eps)
@@ -270,7 +268,7 @@ def db_mtl(
         def combine_other(_, leaf):
             return jnp.sum(log_gradient(leaf), axis=0)
 
-        out = _combine_leaves(leaves, treedef, mask, combine, combine_other)
+        out = _combine_leaves(leaves, treedef, mask, stacked, combine, combine_other)
         return out, DBMTLState(count=count, buffers=tuple(buffers))
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -339,7 +337,7 @@ def excess_mtl(
 
     def update(task_grads, state, params=None, **extra):
         del extra
-        leaves, treedef, mask = _split_leaves(task_grads, k, params, shared)
+        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
         squares, excess = [], jnp.zeros(k, jnp.float32)
         for use, leaf, old in zip(mask, leaves, state.squares):
             if use:
@@ -370,6 +368,6 @@ def excess_mtl(
         def combine(_, leaf):
             return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
 
-        return _combine_leaves(leaves, treedef, mask, combine), new_state
+        return _combine_leaves(leaves, treedef, mask, stacked, combine), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)

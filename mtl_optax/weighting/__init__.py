@@ -2,8 +2,6 @@
 
 from mtl_optax.weighting.alignment import aligned_mtl, config, imtl_g
 from mtl_optax.weighting.bargaining import fairgrad, nash_mtl
-from mtl_optax.weighting.alignment import aligned_mtl, config, imtl_g
-from mtl_optax.weighting.bargaining import fairgrad, nash_mtl
 from mtl_optax.weighting.base import EmptyWeightingState, Weighting
 from mtl_optax.weighting.basic import constant_weighting, mean_weighting, sum_weighting
 from mtl_optax.weighting.cagrad import cagrad
