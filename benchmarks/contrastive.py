@@ -1,4 +1,4 @@
-"""Small-batch contrastive learning: InfoNCE versus FlatNCE (DESIGN section 3.5).
+"""Small-batch contrastive learning: InfoNCE versus FlatNCE.
 
 SimCLR-style pretraining of an MLP encoder (784 -> 256 -> 128 features, then a 128 -> 64
 projection head) on the MNIST train split, labels unused. Each image gets two random

@@ -1,4 +1,4 @@
-"""Flooding on a small MNIST training set trained far past zero training error (DESIGN 3.8).
+"""Flooding on a small MNIST training set trained far past zero training error.
 
 1,000 training digits (the first 100 per class of the train split), an MLP
 (784 -> 256 -> 10), plain SGD (learning rate 0.1, batch 100) for 3,000 steps (300 epochs,

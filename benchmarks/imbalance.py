@@ -1,4 +1,4 @@
-"""Long-tailed MNIST: modified losses versus reweighting (DESIGN section 3.7).
+"""Long-tailed MNIST: modified losses versus reweighting.
 
 Train set: the fixed MNIST train split cut to an exponential profile
 ``n_c = n_max * rho^(-c / (C - 1))`` with imbalance ratio ``rho = 100`` (class 0 keeps all

@@ -1,4 +1,4 @@
-"""R-Drop on MNIST: supervised and semi-supervised (DESIGN section 3.6).
+"""R-Drop on MNIST: supervised and semi-supervised.
 
 An MLP (784 -> 256 -> 256 -> 10) with dropout 0.3 on both hidden layers. R-Drop runs two
 dropout passes of every batch (``mtl.two_pass_vmap``: the model vmapped over two dropout

@@ -1,4 +1,4 @@
-"""Retrieval on unseen classes: cross-entropy versus margin softmax losses (DESIGN section 3.4).
+"""Retrieval on unseen classes: cross-entropy versus margin softmax losses.
 
 An MLP embedding (784 -> 256 -> 256 -> 64) is trained to classify the MNIST train digits
 0-4 only; retrieval is evaluated on the test digits 5-9, which training never sees.

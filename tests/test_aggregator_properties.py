@@ -30,6 +30,24 @@ PROPERTIES = {
     "mgda_l2": (True, False, True, False, True),
     "mgda_frank_wolfe": (False, True, True, False, True),  # approximate: not guaranteed
     "primary_auxiliary": (True, True, False, False, True),
+    "upgrad": (True, True, True, False, True),  # state: warm-start supports
+    "dualproj": (True, True, True, False, True),
+    "cagrad": (False, True, True, False, False),
+    # loss weightings read no gradients: the update is linear in J for fixed losses
+    "initial_loss": (False, True, True, False, True),
+    "initial_loss_given": (False, True, False, False, False),
+    "prior_loss": (False, True, False, False, False),
+    "real_time": (False, True, True, False, False),
+    "generalized_mean": (False, True, True, False, False),
+    "generalized_mean_max": (False, True, True, False, False),
+    "geometric_mean": (False, True, True, False, False),
+    "uncertainty": (False, True, True, False, True),
+    "imtl_l": (False, True, True, False, True),
+    "gradnorm": (False, False, True, False, True),
+    "famo": (False, True, True, False, True),
+    "dwa": (False, True, True, False, True),
+    "stch": (False, True, True, False, True),
+    "random": (False, True, False, True, True),
     "pcgrad": (False, True, False, True, True),
     "gradvac": (False, True, False, True, True),
     "imtl_g": (False, True, True, False, False),
@@ -74,7 +92,7 @@ def make(name, k=K):
 def transform(name, k=K):
     """Every method as a stacked-gradient transform (weightings through ``aggregate``)."""
     method = make(name, k)
-    return mtl.aggregate(method, num_tasks=k) if name in zoo.WEIGHTINGS else method
+    return mtl.aggregate(method, num_tasks=k, shared=True) if name in zoo.WEIGHTINGS else method
 
 
 class Batched:

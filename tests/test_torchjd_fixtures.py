@@ -20,9 +20,6 @@ Rows left out, each justified by a test below that can fail:
 * NashMTL and FairGrad on ``lowrank_k10_r4``: ``G`` has a non-negative null vector, so
   ``Gw = w^{−p}`` has no positive solution (the objective is unbounded below) and every
   method returns an arbitrary point; ours is defined by its documented ridge.
-
-Rows for ``upgrad``, ``dualproj`` and ``cagrad`` need those methods, which ship separately;
-they fail (AttributeError) until then.
 """
 
 import functools
@@ -49,7 +46,7 @@ LEFT_OUT = {(case, "NashMTL") for case in SCALED} | {
 WEIGHTINGS = {
     "UPGrad": (lambda k: mtl.upgrad(), "exact"),
     "DualProj": (lambda k: mtl.dualproj(), "exact"),
-    "CAGrad": (lambda k: mtl.cagrad(c=0.5), "exact"),
+    "CAGrad": (lambda k: mtl.cagrad(c=0.5, rescale=0), "exact"),  # torchjd does not rescale
     "MGDA": (lambda k: mtl.mgda(), "direction"),
     "IMTLG": (lambda k: mtl.imtl_g(), "exact"),
     "AlignedMTL": (lambda k: mtl.aligned_mtl(), "exact"),
@@ -63,7 +60,9 @@ WEIGHTINGS = {
     "Mean": (lambda k: mtl.mean_weighting(), "exact"),
     "Sum": (lambda k: mtl.sum_weighting(), "exact"),
 }
-STACKED = {"TrimmedMean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=(k - 1) // 2 // 2 or 1)}
+STACKED = {
+    "TrimmedMean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=(k - 1) // 2 // 2 or 1, shared=True)
+}
 
 
 def rows():
@@ -160,11 +159,17 @@ def sequence(name):
         (
             "seq_k2",
             "GradVac",
-            lambda k: mtl.aggregate(mtl.gradvac(key=jax.random.PRNGKey(3)), num_tasks=k),
+            lambda k: mtl.aggregate(
+                mtl.gradvac(key=jax.random.PRNGKey(3)), num_tasks=k, shared=True
+            ),
         ),
-        ("seq_k2", "ExcessMTL", lambda k: mtl.excess_mtl(num_tasks=k)),
-        ("seq_k3", "ExcessMTL", lambda k: mtl.excess_mtl(num_tasks=k)),
-        ("seq_k3", "ExcessMTL_warmup2", lambda k: mtl.excess_mtl(num_tasks=k, n_warmup_steps=2)),
+        ("seq_k2", "ExcessMTL", lambda k: mtl.excess_mtl(num_tasks=k, shared=True)),
+        ("seq_k3", "ExcessMTL", lambda k: mtl.excess_mtl(num_tasks=k, shared=True)),
+        (
+            "seq_k3",
+            "ExcessMTL_warmup2",
+            lambda k: mtl.excess_mtl(num_tasks=k, n_warmup_steps=2, shared=True),
+        ),
     ],
 )
 def test_stateful_sequences_match_torchjd(seq, name, factory):

@@ -52,8 +52,8 @@ WEIGHTINGS = {
 }
 
 STACKED = {
-    "trimmed_mean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=min(1, (k - 1) // 2)),
-    "graddrop": lambda k: mtl.graddrop(num_tasks=k, key=jax.random.PRNGKey(0)),
-    "db_mtl": lambda k: mtl.db_mtl(num_tasks=k),
-    "excess_mtl": lambda k: mtl.excess_mtl(num_tasks=k),
+    "trimmed_mean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=min(1, (k - 1) // 2), shared=True),
+    "graddrop": lambda k: mtl.graddrop(num_tasks=k, key=jax.random.PRNGKey(0), shared=True),
+    "db_mtl": lambda k: mtl.db_mtl(num_tasks=k, shared=True),
+    "excess_mtl": lambda k: mtl.excess_mtl(num_tasks=k, shared=True),
 }
