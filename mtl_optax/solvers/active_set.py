@@ -170,8 +170,11 @@ def _kkt_row(g_hat, c_hat, support, j, ridge):
     return jnp.where(support[j], active, jax.nn.one_hot(j, k + 1, dtype=g_hat.dtype))
 
 
-def _toggle_inverse(inverse, g_hat, c_hat, support, j, ridge):
+def _toggle_inverse(inverse, g_hat, c_hat, support, j, ridge, apply=True):
     """Inverse KKT matrix after task ``j`` enters or leaves the support: O(K²).
+
+    Returns ``(inverse, finite)``; with ``apply`` False the change is zero and the inverse
+    is returned unchanged (no select over the whole matrix needed).
 
     Toggling j changes row and column j by ``r``, a symmetric rank-2 change
     ``U C Uᵀ`` with ``U = [e_j, r]``, ``C = [[−r_j, 1], [1, 0]]``; Woodbury's identity
@@ -179,13 +182,15 @@ def _toggle_inverse(inverse, g_hat, c_hat, support, j, ridge):
     """
     new_support = support.at[j].set(~support[j])
     r = _kkt_row(g_hat, c_hat, new_support, j, ridge) - _kkt_row(g_hat, c_hat, support, j, ridge)
+    r = jnp.where(apply, r, 0.0)
     h_e, h_r = inverse[:, j], inverse @ r  # H U, column by column (H is symmetric)
     # S = C⁻¹ + Uᵀ H U with C⁻¹ = [[0, 1], [1, r_j]]; inverted in closed form.
     s00, s01, s11 = h_e[j], 1.0 + r @ h_e, r[j] + r @ h_r
     det = s00 * s11 - s01 * s01
     a, b, e = s11 / det, -s01 / det, s00 / det
     left, right = a * h_e + b * h_r, b * h_e + e * h_r
-    return inverse - left[:, None] * h_e[None, :] - right[:, None] * h_r[None, :]
+    finite = jnp.isfinite(det) & jnp.all(jnp.isfinite(left)) & jnp.all(jnp.isfinite(right))
+    return inverse - left[:, None] * h_e[None, :] - right[:, None] * h_r[None, :], finite
 
 
 def _refined_solve(matrix, rhs):
@@ -321,11 +326,10 @@ def min_norm_weights(
     def fast_body(carry):
         x, support, _, it, inverse = carry
         x, new_support, done, toggle = step(x, support, inverse @ rhs(support))
-        inverse = jnp.where(
-            done, inverse, _toggle_inverse(inverse, g_hat, c_hat, support, toggle, ridge)
+        inverse, finite = _toggle_inverse(
+            inverse, g_hat, c_hat, support, toggle, ridge, apply=~done
         )
-        broken = ~jnp.all(jnp.isfinite(inverse))
-        return x, new_support, done | broken, it + 1, inverse
+        return x, new_support, done | ~finite, it + 1, inverse
 
     def exact_step(x, support):
         sol = _refined_solve(_kkt_matrix(g_hat, c_hat, corner, support, ridge), rhs(support))
@@ -364,7 +368,8 @@ def min_norm_weights(
         def enter(carry):
             inv, sup = carry
             j = jnp.argmax(guess & ~sup)
-            return _toggle_inverse(inv, g_hat, c_hat, sup, j, ridge), sup.at[j].set(True)
+            # a non-finite update shows in the residual test below
+            return _toggle_inverse(inv, g_hat, c_hat, sup, j, ridge)[0], sup.at[j].set(True)
 
         inverse_g, _ = jax.lax.while_loop(
             lambda carry: jnp.any(guess & ~carry[1]), enter, (inverse0, start_support)
