@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_optax.solvers.loop import while_loop_like
+
 # In float32: relative tolerance of the optimality test (≈ 8 ulps) and the ridge that keeps
 # the Jacobi-scaled solves of rank-deficient (e.g. duplicated) gradients finite. Wider dtypes
 # scale both with their machine epsilon (the ridge quadratically).
@@ -371,8 +373,8 @@ def min_norm_weights(
             # a non-finite update shows in the residual test below
             return _toggle_inverse(inv, g_hat, c_hat, sup, j, ridge)[0], sup.at[j].set(True)
 
-        inverse_g, _ = jax.lax.while_loop(
-            lambda carry: jnp.any(guess & ~carry[1]), enter, (inverse0, start_support)
+        inverse_g, _ = while_loop_like(
+            lambda carry: jnp.any(guess & ~carry[1]), enter, (inverse0, start_support), g_hat
         )
         sol, accurate = refined(guess, inverse_g)
         z = jnp.where(guess, sol[:k], 0.0)
@@ -383,7 +385,7 @@ def min_norm_weights(
     # Phase 1: the active-set iterations with the inverse kept up to date.
     done = jnp.array(False)
     carry = (x, support, done, jnp.array(0), inverse)
-    x, support, phase1_done, _, inverse = jax.lax.while_loop(cond, fast_body, carry)
+    x, support, phase1_done, _, inverse = while_loop_like(cond, fast_body, carry, g_hat)
     ok = jnp.all(jnp.isfinite(x))
     x, support = jnp.where(ok, x, start), jnp.where(ok, support, start_support)
 
@@ -400,7 +402,7 @@ def min_norm_weights(
         return (*exact_step(x, support), it + 1)
 
     carry = (x, support, polished, jnp.array(0))
-    x, *_ = jax.lax.while_loop(cond, exact_body, carry)
+    x, *_ = while_loop_like(cond, exact_body, carry, g_hat)
     return jnp.where(finite, x * d, jnp.nan)
 
 
@@ -486,5 +488,5 @@ def frank_wolfe_simplex(
         return new, jnp.sum(jnp.abs(new - alpha)), it + 1
 
     alpha0 = jnp.full((k,), 1.0 / k, dtype)
-    alpha, *_ = jax.lax.while_loop(cond, body, (alpha0, jnp.asarray(jnp.inf, dtype), 0))
+    alpha, *_ = while_loop_like(cond, body, (alpha0, jnp.asarray(jnp.inf, dtype), 0), gram)
     return jnp.where(jnp.all(jnp.isfinite(gram)), alpha, jnp.nan)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_optax.solvers.active_set import check_gram
+from mtl_optax.solvers.loop import while_loop_like
 
 _DAMPED_UNTIL = 0.25  # Newton decrement below which full steps are taken
 _TO_BOUNDARY = 0.99  # largest fraction of the way to w_i = 0 one step may go
@@ -111,6 +112,6 @@ def power_balance_weights(
     # powers the orthogonal solution is w_i = G_ii^{-1/(1+p)}, i.e. β_i = d_i^{(1-p)/(1+p)}.
     beta0 = d_eff ** ((1.0 - power) / (1.0 + power))
     carry = (beta0, jnp.array(False), jnp.array(0))
-    beta, *_ = jax.lax.while_loop(cond, body, carry)
+    beta, *_ = while_loop_like(cond, body, carry, beta0)
     weights = jnp.where(active, d_eff * beta, 0.0)
     return jnp.where(finite, weights, jnp.nan)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_optax import solvers
+from mtl_optax.solvers.loop import while_loop_like
 from mtl_optax.weighting.base import Weighting, check_inputs, empty_init, finish
 
 _RESCALE = {0: lambda c: 1.0, 1: lambda c: 1.0 + c * c, 2: lambda c: 1.0 + c}
@@ -66,7 +67,7 @@ def cagrad_direction(gram: jax.Array, c: float, *, bisection_iters: int = 64):
         return jnp.where(below, mid, lo), jnp.where(below, hi, mid), w > 0, it + 1
 
     start = (jnp.zeros((), dtype), hi0, jnp.zeros(k, bool), jnp.array(0))
-    lo, hi, support, _ = jax.lax.while_loop(cond, body, start)
+    lo, hi, support, _ = while_loop_like(cond, body, start, gram)
     w, norm = inner(0.5 * (lo + hi), support)
     return w, norm, phi
 

@@ -430,8 +430,8 @@ ALWAYS = {
             {"w": w}, optax.EmptyState(), {"w": w}
         ),
         (LOGITS,),
-        ValueError,
-        r"`mask` mask leaves must be Python bools",
+        TypeError,
+        r"`mask` mask leaf \['w'\] must be a Python bool",
     ),
 }
 

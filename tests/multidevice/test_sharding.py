@@ -232,7 +232,8 @@ def test_shard_map_tier1_equals_one_device(mesh):
     assert_trees_close(train(opt.init, step, params, batch), one_device("tier1-mean"))
 
 
-def test_shard_map_tier2_weights_each_device_on_its_own_batch(mesh):
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "nash_mtl"])  # every solver family
+def test_shard_map_tier2_weights_each_device_on_its_own_batch(mesh, name):
     """Inside shard_map the tier-2 Gram is the Gram of the device's local feature gradients.
 
     With per-device losses, each device's weights equal one-device
@@ -241,7 +242,7 @@ def test_shard_map_tier2_weights_each_device_on_its_own_batch(mesh):
     transpose of shard_map's implicit broadcast is a ``psum``): the sum of the four
     one-device gradients.
     """
-    weighting = mtl.mgda()
+    weighting = getattr(mtl, name)()
     grad_fn = mtl.weighted_value_and_grad(models.encode, models.heads, weighting)
 
     def local(params, batch, weighting_state):
