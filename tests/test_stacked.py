@@ -56,7 +56,7 @@ def test_graddrop_matches_transcription_with_same_draws():
         uniform = np.asarray(jax.random.uniform(leaf_keys[1], (4, 3)), np.float64)
         ref = graddrop_numpy(tree["trunk"], uniform, leak)
         np.testing.assert_allclose(out["trunk"], ref, rtol=1e-5, atol=1e-6)
-    full_leak = mtl.graddrop(num_tasks=K, key=key, leak=1.0)
+    full_leak = mtl.graddrop(num_tasks=K, key=key, leak=1.0, shared=SHARED)
     out, _ = apply(full_leak, tree, full_leak.init(PARAMS))
     np.testing.assert_allclose(out["trunk"], tree["trunk"].sum(0), rtol=1e-5)
     with pytest.raises(ValueError, match="leak"):

@@ -33,8 +33,8 @@ WEIGHTINGS = {
     "dwa": lambda k: mtl.dwa(window=2),
     "stch": lambda k: mtl.stch(warmup=2),
     "random": lambda k: mtl.random_weighting(key=jax.random.PRNGKey(0)),
-    "upgrad": lambda k: mtl.upgrad(),
-    "dualproj": lambda k: mtl.dualproj(),
+    "upgrad": lambda k: mtl.upgrad(reg_eps=0.0),  # exact dual-cone projections (no ridge)
+    "dualproj": lambda k: mtl.dualproj(reg_eps=0.0),
     "cagrad": lambda k: mtl.cagrad(),
     "pcgrad": lambda k: mtl.pcgrad(key=jax.random.PRNGKey(0)),
     "gradvac": lambda k: mtl.gradvac(key=jax.random.PRNGKey(0)),
