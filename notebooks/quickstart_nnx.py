@@ -176,7 +176,8 @@ for name, weighting in METHODS.items():
 
 
 # %%
-def smooth(values, window=max(STEPS // 40, 1)):
+def smooth(values):
+    window = max(STEPS // 40, 1)
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
