@@ -10,6 +10,15 @@ from mtl_optax.jacobian import TaskGradients, value_and_jacobian
 from mtl_optax.losses import *  # flat public API
 from mtl_optax.solvers import frank_wolfe_simplex, lower_bounded_qp, min_norm_weights
 from mtl_optax.split import split_value_and_grad, split_value_and_jacobian
+from mtl_optax.stacked import (
+    DBMTLState,
+    ExcessMTLState,
+    GradDropState,
+    db_mtl,
+    excess_mtl,
+    graddrop,
+    trimmed_mean,
+)
 from mtl_optax.train_state import apply_task_gradients
 from mtl_optax.weight_decay import weight_decay_constraint
 from mtl_optax.weighted import WeightedGrads, weighted_value_and_grad

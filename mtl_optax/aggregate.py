@@ -220,6 +220,50 @@ def _check_losses(task_losses, num_tasks: int):
     return task_losses
 
 
+def task_leaves(task_grads, num_tasks: int, params, shared):
+    """``(names, leaves, treedef, mask, stacked)`` of task gradients for a task-axis transform.
+
+    ``mask[i]``: leaf i is shared (weighted); ``stacked[i]``: leaf i has the task axis (the
+    split delivers head leaves already summed). ``shared`` as in :func:`aggregate`; every
+    transform on stacked gradients resolves it here, so they all follow the same rules.
+    """
+    names, leaves, treedef, stacked = unwrap(task_grads, num_tasks, params)
+    if params is None:  # what a callable mask sees: the param shapes, no task axis
+        params_like = jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                jax.ShapeDtypeStruct(g.shape[1:] if s else g.shape, g.dtype)
+                for g, s in zip(leaves, stacked or [True] * len(leaves))
+            ],
+        )
+    else:
+        params_like = params
+    if shared is None:
+        if stacked is None:
+            raise ValueError(
+                "aggregate needs to know which leaves are shared between the tasks, and "
+                "these gradients do not say: pass shared= (a pytree of bools or a "
+                "callable params -> mask; heads False), shared=True if every leaf is "
+                "shared, or compute the gradients with split_value_and_jacobian(encode, "
+                "heads), which knows. Without it the heads would be weighted and enter "
+                "the Gram."
+            )
+        mask = list(stacked)
+    else:
+        mask = resolve_mask(shared, params_like)
+        if stacked is not None:
+            for name, m, s in zip(names, mask, stacked):
+                if m and not s:
+                    raise ValueError(
+                        f"`shared` marks {name} as shared, but the encoder/heads split "
+                        "delivered it summed over the tasks (a head leaf)."
+                    )
+    stacked = stacked or [True] * len(leaves)
+    if not any(mask):
+        raise ValueError("No shared leaf: the mask leaves nothing to weight.")
+    return names, leaves, treedef, mask, stacked
+
+
 def aggregate(
     weighting: Weighting,
     *,
@@ -257,40 +301,7 @@ def aggregate(
     def update(task_grads, state, params=None, *, task_losses=None, **extra):
         state = _check_state(state, num_tasks)
         task_losses = _check_losses(task_losses, num_tasks)
-        names, leaves, treedef, stacked = unwrap(task_grads, num_tasks, params)
-        if params is None:  # what a callable mask sees: the param shapes, no task axis
-            params_like = jax.tree_util.tree_unflatten(
-                treedef,
-                [
-                    jax.ShapeDtypeStruct(g.shape[1:] if s else g.shape, g.dtype)
-                    for g, s in zip(leaves, stacked or [True] * len(leaves))
-                ],
-            )
-        else:
-            params_like = params
-        if shared is None:
-            if stacked is None:
-                raise ValueError(
-                    "aggregate needs to know which leaves are shared between the tasks, and "
-                    "these gradients do not say: pass shared= (a pytree of bools or a "
-                    "callable params -> mask; heads False), shared=True if every leaf is "
-                    "shared, or compute the gradients with split_value_and_jacobian(encode, "
-                    "heads), which knows. Without it the heads would be weighted and enter "
-                    "the Gram."
-                )
-            mask = list(stacked)
-        else:
-            mask = resolve_mask(shared, params_like)
-            if stacked is not None:
-                for name, m, s in zip(names, mask, stacked):
-                    if m and not s:
-                        raise ValueError(
-                            f"`shared` marks {name} as shared, but the encoder/heads split "
-                            "delivered it summed over the tasks (a head leaf)."
-                        )
-        stacked = stacked or [True] * len(leaves)
-        if not any(mask):
-            raise ValueError("No shared leaf: the mask leaves nothing to weight.")
+        names, leaves, treedef, mask, stacked = task_leaves(task_grads, num_tasks, params, shared)
         gram_leaves = [g for g, s in zip(leaves, stacked) if s]
         gram_mask = [m for m, s in zip(mask, stacked) if s]
         weights, weighting_state = weights_from_gradients(

@@ -4,6 +4,7 @@ One module per problem family; every weighting of the same family shares its sol
 
 * :mod:`.active_set`: min-norm quadratic programs on the Gram matrix (simplex, orthant,
   with an offset: lower-bounded and linear-term QPs).
+* :mod:`.newton`: damped Newton for ``G w = w^{−p}``, ``w > 0`` (Nash-MTL, FairGrad).
 """
 
 from mtl_optax.solvers.active_set import (
@@ -14,6 +15,7 @@ from mtl_optax.solvers.active_set import (
     lower_bounded_qp,
     min_norm_weights,
 )
+from mtl_optax.solvers.newton import power_balance_weights
 
 __all__ = [
     "check_gram",
@@ -22,4 +24,5 @@ __all__ = [
     "frank_wolfe_simplex",
     "lower_bounded_qp",
     "min_norm_weights",
+    "power_balance_weights",
 ]

@@ -1,5 +1,7 @@
 """Weightings: ``(gram, losses, state) -> (weights, state)``, one module per family."""
 
+from mtl_optax.weighting.alignment import aligned_mtl, config, imtl_g
+from mtl_optax.weighting.bargaining import fairgrad, nash_mtl
 from mtl_optax.weighting.base import EmptyWeightingState, Weighting
 from mtl_optax.weighting.basic import constant_weighting, mean_weighting, sum_weighting
 from mtl_optax.weighting.cagrad import cagrad
@@ -28,7 +30,10 @@ from mtl_optax.weighting.loss_scale import (
 )
 from mtl_optax.weighting.min_norm import MinNormState, mgda, primary_auxiliary
 from mtl_optax.weighting.normalized import gradient_normalized
+from mtl_optax.weighting.projection import GradVacState, RandomOrderState, gradvac, pcgrad
 from mtl_optax.weighting.randomized import RandomWeightingState, random_weighting, rlw
+from mtl_optax.weighting.robust import krum
+from mtl_optax.weighting.two_batch import SimplexWeightsState, cross_task_gram, modo, sdmgrad
 
 __all__ = [
     "DWAState",
@@ -36,31 +41,45 @@ __all__ = [
     "EmptyWeightingState",
     "FAMOState",
     "GradNormState",
+    "GradVacState",
     "LogScaleState",
     "MinNormState",
+    "RandomOrderState",
     "RandomWeightingState",
+    "SimplexWeightsState",
     "WarmupMeanState",
     "Weighting",
+    "aligned_mtl",
     "cagrad",
+    "config",
     "constant_weighting",
     "cross_entropy_initial_loss",
     "cross_entropy_prior_loss",
+    "cross_task_gram",
     "dualproj",
     "dwa",
+    "fairgrad",
     "famo",
     "generalized_mean",
     "geometric_mean",
     "gradient_normalized",
     "gradnorm",
+    "gradvac",
+    "imtl_g",
     "imtl_l",
     "initial_loss_weighting",
+    "krum",
     "mean_weighting",
     "mgda",
+    "modo",
+    "nash_mtl",
+    "pcgrad",
     "primary_auxiliary",
     "prior_loss_weighting",
     "random_weighting",
     "real_time_weighting",
     "rlw",
+    "sdmgrad",
     "squared_error_initial_loss",
     "squared_error_prior_loss",
     "stch",
