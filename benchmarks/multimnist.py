@@ -355,29 +355,42 @@ def results_table(results: common.Results, ms: dict[str, float]) -> str:
 
 
 def plot(results: common.Results, histories: dict[str, list[dict[str, np.ndarray]]]):
-    """Left: test accuracy of the two tasks per method (mean ± std over seeds). Right: the
-    share of the right-digit task in each method's weights, ``w_right / (w_left + w_right)``,
-    over training (mean over seeds, smoothed); methods without weights are left out."""
-    fig, (ax_acc, ax_w) = common.figure(2, width=6.5, height=5.0)
+    """Left: test accuracy of the two tasks per method (mean ± std over seeds); middle: the
+    same, zoomed on the methods within 2 points of the median method on both tasks. Right:
+    the share of the right-digit task in each method's weights, ``w_right / (w_left +
+    w_right)``, over training (mean over seeds, smoothed); methods without weights are left
+    out."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_all, ax_zoom, ax_w) = common.figure(3, width=5.5, height=5.0)
     markers = "osD^v<>pP*XhH"
+    means = {
+        name: [100 * np.mean(values[f"acc_{t}"]) for t in TASK_NAMES]
+        for name, values in results.items()
+    }
+    center = np.median(np.array(list(means.values())), axis=0)
+    near = [n for n, m in means.items() if np.all(np.abs(np.asarray(m) - center) <= 2.0)]
     for i, (name, values) in enumerate(results.items()):
+        color = plt.cm.tab20((2 * i + i // 10) % 20)  # ten dark colours, then ten light
+        style = dict(color=color, fmt=markers[i % len(markers)], capsize=2)
         left, right = (100 * np.asarray(values[f"acc_{t}"]) for t in TASK_NAMES)
-        ax_acc.errorbar(
-            left.mean(), right.mean(), xerr=left.std(), yerr=right.std(),
-            fmt=markers[i % len(markers)], color=f"C{i % 10}", label=name, capsize=2,
-        )  # fmt: skip
+        for ax in (ax_all, ax_zoom) if name in near else (ax_all,):
+            ax.errorbar(
+                left.mean(), right.mean(), xerr=left.std(), yerr=right.std(), label=name, **style
+            )
         runs = histories[name]
         share = np.mean([h["w_right"] / (h["w_left"] + h["w_right"]) for h in runs], axis=0)
         if np.all(np.isfinite(share)):
             window = max(len(share) // 40, 1)
             smooth = np.convolve(share, np.ones(window) / window, mode="valid")
-            ax_w.plot(smooth, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=name)
-    ax_acc.set(
-        xlabel="left digit: test accuracy (%)",
-        ylabel="right digit: test accuracy (%)",
-        title="where each method lands (mean ± std over seeds)",
-    )
-    ax_acc.legend(fontsize=7, loc="best")
+            ax_w.plot(smooth, color=style["color"], label=name)
+    for ax, title in ((ax_all, "every method"), (ax_zoom, "zoom: within 2 points of the median")):
+        ax.set(
+            xlabel="left digit: test accuracy (%)",
+            ylabel="right digit: test accuracy (%)",
+            title=f"where each method lands: {title}",
+        )
+    ax_all.legend(fontsize=7, loc="best")
     ax_w.axhline(0.5, color="gray", lw=0.5)
     ax_w.set(
         xlabel="training step",
