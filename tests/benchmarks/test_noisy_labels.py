@@ -11,8 +11,8 @@ import numpy as np
 from benchmarks import common, noisy_labels
 
 CHANCE = 0.1
-# one tier-1 and one tier-3 method; the others share these code paths
-METHODS = ["summed", "primary/auxiliary"]
+# one tier-1 method and two tier-3 ones; the others share these code paths
+METHODS = ["summed", "UPGrad", "primary/auxiliary"]
 
 
 def test_symmetric_noise_rate_and_never_same_class():
