@@ -25,7 +25,7 @@ def committed(name: str) -> nbformat.NotebookNode:
 
 
 def test_there_are_notebooks():
-    assert {"primary_auxiliary", "losses"} <= set(NAMES)
+    assert {"quickstart_nnx", "two_objective_toy", "primary_auxiliary", "losses"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
