@@ -38,6 +38,7 @@ from benchmarks.speed import (
     median_seconds,
     task_losses,
     torch_available,
+    torch_calls,
 )
 
 # name -> keyword arguments of mtl.<name>(...) (a callable of K where they depend on it)
@@ -95,36 +96,6 @@ def tier3_step(weighting: mtl.Weighting, num_tasks: int, params):
     return jax.jit(step), (params, opt.init(params))
 
 
-def torchjd_step(num_tasks, sizes, x, y, aggregator_name: str):
-    """One training step of the identical PyTorch model with torchjd's aggregator."""
-    import torch
-    from torch import nn
-    from torchjd import aggregation
-    from torchjd.autojac import jac_to_grad, mtl_backward
-
-    torch.set_num_threads(_num_cores())
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for m, n in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(m, n), nn.ReLU()]
-    trunk = nn.Sequential(*layers)
-    head_list = nn.ModuleList([nn.Linear(sizes[-1], 10) for _ in range(num_tasks)])
-    xt = torch.from_numpy(np.array(x, np.float32))
-    yt = torch.from_numpy(np.array(y, np.int64))
-    optimizer = torch.optim.Adam([*trunk.parameters(), *head_list.parameters()], lr=1e-3)
-    aggregator = getattr(aggregation, aggregator_name)()
-
-    def step():
-        z = trunk(xt)
-        losses = [nn.functional.cross_entropy(h(z), yt[:, k]) for k, h in enumerate(head_list)]
-        mtl_backward(losses, features=z)
-        jac_to_grad(trunk.parameters(), aggregator)
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated names")
@@ -176,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     use_torch = not args.no_torch and torch_available()
     torch_name = {"upgrad": "UPGrad", "mgda": "MGDA"}[method]
     if use_torch:
-        torch_fn = torchjd_step(k, sizes, np.asarray(x), np.asarray(y), torch_name)
+        torch_fn = torch_calls(
+            k, sizes, np.asarray(x), np.asarray(y), lr=1e-3, aggregator=torch_name
+        )[f"torchjd {torch_name}"]
         steps.update(interleaved_medians({"torchjd": torch_fn}, calls=args.steps))
     ours = f"{1e3 * steps['ours']:.2f}"
     if use_torch:

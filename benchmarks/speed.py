@@ -305,12 +305,19 @@ def torch_available() -> bool:
 
 
 def torch_calls(
-    num_tasks: int, sizes: Sequence[int], x: np.ndarray, y: np.ndarray, *, lr: float
+    num_tasks: int,
+    sizes: Sequence[int],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    lr: float,
+    aggregator: str = "MGDA",
 ) -> dict[str, Callable[[], None]]:
-    """One-step calls of the same model in PyTorch: plain summed loss and torchjd MGDA."""
+    """One-step calls of the same model in PyTorch: plain summed loss and torchjd with the
+    named aggregator (``torchjd.aggregation.<aggregator>()``, MGDA by default)."""
     import torch
     from torch import nn
-    from torchjd.aggregation import MGDA
+    from torchjd import aggregation
     from torchjd.autojac import jac_to_grad, mtl_backward
 
     torch.set_num_threads(_num_cores())
@@ -332,7 +339,7 @@ def torch_calls(
 
     params = list(trunk.parameters()) + list(head_list.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
-    aggregator = MGDA()
+    aggregate = getattr(aggregation, aggregator)()
 
     def plain():
         losses, _ = losses_and_features()
@@ -340,14 +347,14 @@ def torch_calls(
         optimizer.step()
         optimizer.zero_grad()
 
-    def torchjd_mgda():
+    def torchjd_step():
         losses, z = losses_and_features()
         mtl_backward(losses, features=z)
-        jac_to_grad(trunk.parameters(), aggregator)
+        jac_to_grad(trunk.parameters(), aggregate)
         optimizer.step()
         optimizer.zero_grad()
 
-    return {"torch plain": plain, "torchjd MGDA": torchjd_mgda}
+    return {"torch plain": plain, f"torchjd {aggregator}": torchjd_step}
 
 
 def _num_cores() -> int:
