@@ -29,14 +29,14 @@ import optax
 
 import mtl_optax as mtl
 from benchmarks import common
-from benchmarks.multimnist import shared_mask
 from benchmarks.speed import (
     _num_cores,
+    encode,
     init_params,
     interleaved_medians,
     jax_call,
     median_seconds,
-    task_losses,
+    split_heads,
     torch_available,
     torch_calls,
 )
@@ -71,9 +71,14 @@ def build(name: str, num_tasks: int) -> mtl.Weighting | None:
     return factory(**kwargs)
 
 
+def solve_matrix(num_tasks: int) -> jax.Array:
+    """The (K, 2000) Gaussian Jacobian whose Gram every solve is timed on."""
+    return jax.random.normal(jax.random.PRNGKey(1), (num_tasks, 2000))
+
+
 def time_solve(weighting: mtl.Weighting, num_tasks: int, *, calls: int) -> float:
     """Median µs of one jitted ``update`` on a random Gram (initial state)."""
-    a = jax.random.normal(jax.random.PRNGKey(1), (num_tasks, 2000))
+    a = solve_matrix(num_tasks)
     gram = jnp.matmul(a, a.T, precision=jax.lax.Precision.HIGHEST)
     losses = jnp.ones(num_tasks)
     state = weighting.init(num_tasks)
@@ -82,10 +87,10 @@ def time_solve(weighting: mtl.Weighting, num_tasks: int, *, calls: int) -> float
 
 
 def tier3_step(weighting: mtl.Weighting, num_tasks: int, params):
-    opt = optax.chain(
-        mtl.aggregate(weighting, num_tasks=num_tasks, shared=shared_mask(params)), optax.adam(1e-3)
-    )
-    jac_fn = mtl.value_and_jacobian(task_losses)
+    """Exact tier 3 through the encoder/heads split (per-task gradients of the trunk only,
+    as torchjd's ``mtl_backward`` computes them)."""
+    opt = optax.chain(mtl.aggregate(weighting, num_tasks=num_tasks), optax.adam(1e-3))
+    jac_fn = mtl.split_value_and_jacobian(encode, split_heads, num_tasks=num_tasks)
 
     def step(state, batch):
         params, opt_state = state
@@ -94,6 +99,16 @@ def tier3_step(weighting: mtl.Weighting, num_tasks: int, params):
         return optax.apply_updates(params, updates), opt_state
 
     return jax.jit(step), (params, opt.init(params))
+
+
+def torchjd_upgrad_solve(matrix: np.ndarray, *, calls: int) -> float:
+    """Median µs of torchjd's ``UPGrad()`` aggregator on the (K, n) matrix (quadprog)."""
+    import torch
+    from torchjd.aggregation import UPGrad
+
+    torch.set_num_threads(_num_cores())
+    aggregator, jac = UPGrad(), torch.from_numpy(np.array(matrix, np.float32))
+    return 1e6 * median_seconds(lambda: aggregator(jac), calls=calls)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -135,6 +150,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cells = ["n/a" if row[k] is None else f"{row[k]:.0f}" for k in args.num_tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     solve_table = "\n".join(lines)
+    use_torch = not args.no_torch and torch_available()
+    largest = max(args.num_tasks)
+    if use_torch and "upgrad" in names:
+        theirs = torchjd_upgrad_solve(np.asarray(solve_matrix(largest)), calls=args.solve_calls)
+        ours = solves["upgrad"][largest]
+        solve_table += (
+            f"\n\ntorchjd UPGrad aggregator on the same matrix, K = {largest}: {theirs:.0f} µs "
+            f"(ours {ours:.0f} µs: {theirs / ours:.1f}× faster)."
+        )
 
     method = args.step_method
     k = args.step_tasks
@@ -144,7 +168,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     y = jax.random.randint(key_y, (args.batch_size, k), 0, 10)
     step, state = tier3_step(build(method, k), k, init_params(key_p, k, sizes))
     steps = interleaved_medians({"ours": jax_call(step, state, (x, y))}, calls=args.steps)
-    use_torch = not args.no_torch and torch_available()
     torch_name = {"upgrad": "UPGrad", "mgda": "MGDA"}[method]
     if use_torch:
         torch_fn = torch_calls(
