@@ -173,11 +173,7 @@ def evaluate(params, data) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None):
-    parser = common.base_parser(__doc__.splitlines()[0], steps=800, seeds=3)
-    parser.add_argument("--train-pairs", type=int, default=20_000)
-    parser.add_argument("--test-pairs", type=int, default=5_000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser = multimnist.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1000.0, help="factor on the sum's loss")
     parser.add_argument("--window", type=int, default=40, help="DWA window / STCH warm-up")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD")

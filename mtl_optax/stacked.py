@@ -39,12 +39,6 @@ from mtl_optax.weighting.base import check_num_tasks
 from mtl_optax.weighting.hyper import check_int, check_key, check_real
 
 
-def _split_leaves(task_grads, num_tasks, params, shared):
-    """``(leaves, treedef, mask, stacked)``, resolved exactly as :func:`aggregate` does."""
-    _, leaves, treedef, mask, stacked = task_leaves(task_grads, num_tasks, params, shared)
-    return leaves, treedef, mask, stacked
-
-
 def _accumulation_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
 
@@ -99,7 +93,7 @@ def trimmed_mean(
 
     def update(task_grads, state, params=None, **extra):
         del extra
-        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
+        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
 
         def combine(_, leaf):
             return jnp.mean(jnp.sort(leaf, axis=0)[trim : k - trim], axis=0)
@@ -156,7 +150,7 @@ def graddrop(
 
     def update(task_grads, state, params=None, **extra):
         del extra
-        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
+        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
         next_key, sub = jax.random.split(state.key)
         keys = jax.random.split(sub, len(leaves))
 
@@ -234,7 +228,7 @@ def db_mtl(
 
     def update(task_grads, state, params=None, *, task_losses=None, **extra):
         del extra
-        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
+        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
         _check_losses(task_losses, k, "db_mtl")
         if not all(stacked):
             raise ValueError(
@@ -337,7 +331,7 @@ def excess_mtl(
 
     def update(task_grads, state, params=None, **extra):
         del extra
-        leaves, treedef, mask, stacked = _split_leaves(task_grads, k, params, shared)
+        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
         squares, excess = [], jnp.zeros(k, jnp.float32)
         for use, leaf, old in zip(mask, leaves, state.squares):
             if use:
