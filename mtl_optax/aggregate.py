@@ -1,36 +1,35 @@
-"""``aggregate``: reduce stacked per-task gradients with a weighting (tier 3).
+"""``aggregate``: combine per-task gradients with any multi-task method (tier 3).
 
-Input updates have a leading task axis on the leaves shared between tasks (from
-:func:`mtl_optax.value_and_jacobian` or :func:`mtl_optax.split_value_and_jacobian`).
-Shared leaves enter the Gram matrix ``G = Σ_leaves J_l J_lᵀ`` (float32 at least,
-full-precision matmuls) and are combined as ``Σ_i w_i g_i`` with the weighting's weights;
-task-specific leaves (heads) are summed over the task axis (the encoder/heads split delivers
-them already summed). The output has the shapes of ``params``, so any optax optimizer can
-follow::
+Its input is the :class:`mtl_optax.TaskGradients` of :func:`mtl_optax.value_and_jacobian`
+(whole model) or :func:`mtl_optax.split_value_and_jacobian` (encoder/heads split); its
+output has the shapes of ``params``, so any optax optimizer can follow::
 
-    opt = optax.chain(mtl.aggregate(mtl.mgda(), num_tasks=K, shared=mask), optax.adam(1e-3))
+    opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=K, shared=mask), optax.adam(1e-3))
     updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
 
-Which leaves are shared is never guessed: gradients from the encoder/heads split carry it;
-for gradients of the whole model ``shared`` is required (a mask, a callable, or ``True``
-when every leaf really is shared), so heads are never weighted by accident.
+The method is any method of the library: a :class:`mtl_optax.Weighting` (weights from the
+Gram matrix ``G = Σ_leaves J_l J_lᵀ`` of the shared leaves and/or the losses, update
+``Σ_i w_i g_i``) or a stacked aggregator (``trimmed_mean``, ``graddrop``, ``db_mtl``,
+``excess_mtl``), which reads the stacked shared gradients itself.
 
-The transform must come first in ``optax.chain`` (it is the one that removes the task
-axis). A stateful transform placed before it (Adam, momentum, weight decay with params...)
-fails with a structure error that names ``TaskGradients`` and says so. Stateless
-transforms that do not read params run on the stacked gradients and mean something there:
-``optax.clip`` / ``optax.scale`` act element-wise on every task gradient, and
-``optax.clip_by_global_norm`` clips the norm of the whole Jacobian (every task gradient
-scaled by the same factor, so a weighting that is linear under scaling gives the same
-direction, scaled). Anything else belongs after ``aggregate``.
+**One head rule.** Leaves that are not shared (the heads) get ``Σ_i c_i ∇L_i`` where ``c``
+is the weights ``w`` for a scalarization (every weighting that reads no Gram, and GradNorm:
+the gradient of the weighted loss ``Σ w_i L_i``), and ``c = 1`` for a Gram weighting or a
+stacked aggregator (head ``i`` follows its own task, as torchjd's ``mtl_backward`` and
+MGDA-UB); DB-MTL's heads get ``c_i = 1/(L_i + ε)``. Every tier and every path (split or
+whole model, nnx, linen) applies the same rule.
 
-Under ``flax.nnx.Optimizer`` the gradients arrive re-wrapped as a flax ``State``; they are
-recognised and unwrapped, and the updates come back with the structure of ``params``.
-The state keeps the last weights for logging: :func:`task_weights` reads them from any
-optimizer state (optax tuples, ``nnx.Optimizer.opt_state``) as a plain array.
+**Which leaves are shared** is never guessed: gradients of the split carry it; for gradients
+of the whole model ``shared`` is required (a mask, a callable, or ``True`` when every leaf
+really is shared), so heads are never weighted by accident.
 
-A NaN or infinite entry of ``task_losses`` makes the weights, hence the update, NaN (it
-cannot raise under ``jit``), so ``optax.apply_if_finite`` after ``aggregate`` skips the step.
+``aggregate`` must be the first transform to see the task gradients: first in
+``optax.chain``, with ``optax.apply_if_finite`` / ``optax.MultiSteps`` wrapped around what
+follows it. Anything else raises a ``TypeError`` that says so. Under ``nnx.Optimizer`` the
+gradients arrive re-wrapped as a flax ``State``; they are recognised and unwrapped.
+
+A NaN or infinite entry of ``task_losses`` makes the update NaN (it cannot raise under
+``jit``), so ``optax.apply_if_finite`` after ``aggregate`` skips the step.
 """
 
 from __future__ import annotations
@@ -44,17 +43,29 @@ import numpy as np
 import optax
 
 from mtl_optax.gram import HIGHEST, weights_from_gradients
-from mtl_optax.jacobian import TASK_AXIS_KEY, TaskGradients
-from mtl_optax.split import check_weighting
-from mtl_optax.weighting.base import Weighting, check_num_tasks
+from mtl_optax.stacked import StackedAggregator
+from mtl_optax.state import (
+    AggregateState,
+    check_method,
+    check_names,
+    check_state,
+    check_tasks,
+    method_name,
+)
+from mtl_optax.task_gradients import (
+    NONE,
+    SHARED,
+    SLICED,
+    TASK,
+    TaskGradients,
+    decode_key,
+    is_task_gradients_key,
+    stacked_role,
+)
+from mtl_optax.weighting.base import Weighting, scales_heads
 
 
-class AggregateState(NamedTuple):
-    weights: jax.Array  # (K,) float32, the last weights (for logging)
-    weighting_state: Any
-
-
-def _paths(flat) -> list[str]:
+def leaf_paths(flat) -> list[str]:
     """Leaf names; a flax ``Variable``'s own ``.value`` step is dropped (Param nodes or not)."""
     return [
         jax.tree_util.keystr(tuple(k for k in path if getattr(k, "name", None) != "value"))
@@ -68,98 +79,124 @@ def _plain(x):
     return x.get_value() if hasattr(x, "get_value") and not isinstance(x, jax.Array) else x
 
 
-def unwrap(task_grads, num_tasks: int, params=None) -> tuple[list[str], list, Any, list | None]:
-    """``(names, leaves, treedef, stacked)`` of the task gradients, checked against params.
+class GradientsView(NamedTuple):
+    """Task gradients taken apart: leaf names, leaves, output treedef, roles, task names."""
 
-    Accepts a :class:`TaskGradients`, the flax ``State`` that ``nnx.Optimizer`` makes of one
-    (a mapping with the single key ``"task_gradients"``), or a plain stacked pytree.
-    ``stacked`` is the per-leaf task-axis flag (``None``: unknown, every leaf must be
-    stacked). ``treedef`` is that of ``params`` when given (the output's structure).
-    """
-    stacked = None
+    paths: list[str]
+    leaves: list
+    treedef: Any
+    roles: tuple | None
+    names: tuple | None
+
+
+def unwrap(task_grads: Any, num_tasks: int, params: Any = None) -> GradientsView:
+    """Take :class:`TaskGradients` (or the flax ``State`` ``nnx.Optimizer`` makes of them)
+    apart and check every leaf against the roles, ``num_tasks`` and ``params``."""
     if isinstance(task_grads, TaskGradients):
-        tree, stacked = task_grads.tree, task_grads.stacked
-    elif isinstance(task_grads, Mapping) and list(task_grads.keys()) == [TASK_AXIS_KEY]:
-        tree = task_grads[TASK_AXIS_KEY]  # re-wrapped by flax (nnx.Optimizer)
-        stacked = "from shapes"
+        tree, roles, names = task_grads.tree, task_grads.roles, task_grads.names
+    elif (
+        isinstance(task_grads, Mapping)
+        and len(task_grads) == 1
+        and is_task_gradients_key(next(iter(task_grads.keys())))
+    ):
+        key = next(iter(task_grads.keys()))
+        tree = task_grads[key]  # re-wrapped by flax (nnx.Optimizer)
+        roles, names = decode_key(key)
     else:
-        tree = task_grads
+        raise TypeError(
+            "aggregate takes the TaskGradients returned by mtl.value_and_jacobian or "
+            f"mtl.split_value_and_jacobian, got {type(task_grads).__name__}. Stacked per-task "
+            "gradients computed otherwise: wrap them, mtl.TaskGradients(stacked_tree)."
+        )
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names, leaves = _paths(flat), [x for _, x in flat]
+    paths, leaves = leaf_paths(flat), [x for _, x in flat]
     if not leaves:
         raise ValueError("aggregate got an empty pytree of task gradients.")
-    for name, leaf in zip(names, leaves):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise ValueError(
-                f"Task-gradient leaf {name} has dtype {jnp.result_type(leaf)}; gradients must be "
-                "floating point (keep integer state out of the differentiated params)."
-            )
+    if roles is not None and len(roles) != len(leaves):
+        raise ValueError(
+            f"TaskGradients has {len(roles)} roles for {len(leaves)} leaves: compute the "
+            "gradients and pass them on unchanged."
+        )
     p_leaves = None
     if params is not None:
         p_flat, p_treedef = jax.tree_util.tree_flatten_with_path(params)
         p_leaves = [x for _, x in p_flat]
-        if p_treedef != treedef and _paths(p_flat) != names:
+        if p_treedef != treedef and leaf_paths(p_flat) != paths:
             raise ValueError(
                 "The task gradients and params have different structures (paths "
-                f"{names[:4]}... vs {_paths(p_flat)[:4]}...). aggregate() takes the "
-                "TaskGradients returned by value_and_jacobian / split_value_and_jacobian "
-                "(or its .tree) for exactly the params being optimised; with nnx.Optimizer, "
-                "differentiate with respect to the same `wrt` filter."
+                f"{paths[:4]}... vs {leaf_paths(p_flat)[:4]}...). aggregate() takes the "
+                "TaskGradients returned by value_and_jacobian / split_value_and_jacobian for "
+                "exactly the params being optimised; with nnx.Optimizer, differentiate with "
+                "respect to the same `wrt` filter."
             )
         treedef = p_treedef
-    if stacked == "from shapes":  # the split's head leaves arrive summed: param shape
-        if p_leaves is None:
-            raise ValueError("Unwrapping flax-wrapped task gradients needs `params`.")
-        stacked = [jnp.shape(g) != jnp.shape(p) for g, p in zip(leaves, p_leaves)]
-        if all(stacked):
-            stacked = None  # nothing tells a split apart: the user says what is shared
-    for i, (name, leaf) in enumerate(zip(names, leaves)):
+    sizes = set()
+    for i, (path, leaf) in enumerate(zip(paths, leaves)):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "not floating point"
+            raise TypeError(
+                f"Task-gradient leaf {path} has dtype {dtype} ({kind}); gradients must be real "
+                "floating point: keep integer state out of the differentiated params, and "
+                "split complex parameters into real and imaginary parts."
+            )
+        role = SHARED if roles is None else roles[i]
         shape = jnp.shape(leaf)
-        if stacked is not None and not stacked[i]:
-            if p_leaves is not None and shape != jnp.shape(p_leaves[i]):
+        param_shape = None if p_leaves is None else jnp.shape(p_leaves[i])
+        if stacked_role(role):
+            if not shape:
                 raise ValueError(
-                    f"Head leaf {name} has shape {shape}, params {jnp.shape(p_leaves[i])}."
+                    f"Task-gradient leaf {path} is a scalar; every stacked leaf needs a leading "
+                    f"task axis of size K={num_tasks}."
                 )
-            continue
-        if not shape or shape[0] != num_tasks:
-            raise ValueError(
-                f"Task-gradient leaf {name} has shape {shape}; every leaf needs a leading "
-                f"task axis of size num_tasks={num_tasks} (leaves must agree on it)."
-            )
-        if p_leaves is not None and shape[1:] != jnp.shape(p_leaves[i]):
-            raise ValueError(
-                f"Leaf {name}: task gradient shape {shape} is not (num_tasks, *param.shape) "
-                f"= {(num_tasks, *jnp.shape(p_leaves[i]))}. aggregate() must come first in "
-                "optax.chain, on stacked per-task gradients."
-            )
-    return names, leaves, treedef, None if stacked is None else list(stacked)
+            sizes.add(shape[0])
+            if param_shape is not None and shape[1:] != param_shape:
+                raise ValueError(
+                    f"Leaf {path}: task gradient shape {shape} is not (K, *param.shape) = "
+                    f"(K, *{param_shape})."
+                )
+        else:
+            if role == SLICED and shape:
+                sizes.add(shape[0])
+            if param_shape is not None and shape != param_shape:
+                raise ValueError(f"Head leaf {path} has shape {shape}, params {param_shape}.")
+    if len(sizes) > 1:
+        raise ValueError(
+            f"The task gradients disagree on the number of tasks: leading axes {sorted(sizes)}."
+        )
+    if sizes and sizes != {num_tasks}:
+        raise ValueError(
+            f"aggregate(tasks={num_tasks}) got the gradients of {sizes.pop()} tasks: set "
+            "`tasks` to the number of task losses (or their names)."
+        )
+    return GradientsView(paths, leaves, treedef, roles, names)
 
 
 def resolve_mask(shared, tree, *, name: str = "shared") -> list[bool]:
-    """Flatten a mask: ``True`` or ``None`` (all), a pytree of bools like ``tree`` (or a
-    prefix of it, one bool for a whole subtree), or a callable ``tree -> mask``.
+    """Flatten a mask: ``True`` (all), a pytree of bools like ``tree`` (or a prefix of it,
+    one bool for a whole subtree), or a callable ``tree -> mask``.
 
     ``tree`` has the shapes of the params (a callable mask may look at them). Mask leaves
     may be Python or NumPy bools, also inside flax ``Variable`` nodes (a mask made from
     ``nnx.state(model, nnx.Param)``).
     """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if shared is None or shared is True:  # None: every leaf (the default of other masks)
+    if shared is True:
         return [True] * len(flat)
     mask = shared(tree) if callable(shared) else shared
     mask_flat = jax.tree_util.tree_flatten_with_path(
         mask, is_leaf=lambda x: hasattr(x, "get_value") and not isinstance(x, jax.Array)
     )[0]
-    if _paths(mask_flat) != _paths(flat):
+    if leaf_paths(mask_flat) != leaf_paths(flat):
         try:  # a prefix of the params tree: {"trunk": True, "heads": False}
             mask_flat = jax.tree_util.tree_flatten_with_path(jax.tree.broadcast(mask, tree))[0]
         except (ValueError, TypeError):
             pass
-    if _paths(mask_flat) != _paths(flat):
+    if leaf_paths(mask_flat) != leaf_paths(flat):
         raise ValueError(
             f"`{name}` must be True, a callable params -> mask, or a pytree of bools with one "
             f"leaf per params leaf; got {type(mask).__name__} with leaves "
-            f"{_paths(mask_flat)[:6]} but the params have leaves {_paths(flat)[:6]}."
+            f"{leaf_paths(mask_flat)[:6]} but the params have leaves {leaf_paths(flat)[:6]}."
         )
     out = []
     for path, value in mask_flat:
@@ -174,175 +211,187 @@ def resolve_mask(shared, tree, *, name: str = "shared") -> list[bool]:
     return out
 
 
-def _check_state(state, num_tasks: int) -> AggregateState:
-    if isinstance(state, AggregateState):
-        return state
-    if state is None:
-        raise ValueError(
-            "aggregate got state=None: create it with opt.init(params) and pass the state "
-            "returned by each update to the next."
+def check_shared_argument(shared: Any) -> None:
+    """``shared``: None, True, a callable or a pytree (construction time)."""
+    if shared is False:
+        raise ValueError("`shared=False` would leave nothing to weight; use True or a mask.")
+
+
+def resolve_roles(view: GradientsView, shared: Any, params: Any) -> list:
+    """One role per leaf from the gradients' roles and the ``shared`` mask."""
+    if params is None:  # what a callable mask sees: the param shapes, no task axis
+        params = jax.tree_util.tree_unflatten(
+            view.treedef,
+            [
+                jax.ShapeDtypeStruct(g.shape[1:] if stacked_role(r) else g.shape, g.dtype)
+                for g, r in zip(view.leaves, view.roles or [SHARED] * len(view.leaves))
+            ],
         )
-    if isinstance(state, Mapping) and {"weights", "weighting_state"} <= set(state):
-        raise ValueError(
-            "aggregate got its state as a dict, as orbax returns it from restore() without "
-            "a target: restore with the structure, e.g. "
-            "checkpointer.restore(path, target=opt.init(params)) or "
-            "ocp.args.StandardRestore(opt.init(params))."
+    if view.roles is None:
+        if shared is None:
+            raise ValueError(
+                "aggregate needs to know which leaves are shared between the tasks, and these "
+                "gradients of the whole model do not say: pass shared= (a pytree of bools or a "
+                "callable params -> mask; heads False), shared=True if every leaf is shared, "
+                "or compute the gradients with split_value_and_jacobian(encoder, heads), which "
+                "knows. Without it the heads would be weighted and enter the Gram."
+            )
+        return [SHARED if m else TASK for m in resolve_mask(shared, params)]
+    roles = list(view.roles)
+    if shared is not None:
+        for i, (path, m) in enumerate(zip(view.paths, resolve_mask(shared, params))):
+            if m and roles[i] != SHARED:
+                raise ValueError(
+                    f"`shared` marks {path} as shared, but the encoder/heads split delivered it "
+                    "as a head leaf (it is not read by the encoder)."
+                )
+            if not m and roles[i] == SHARED:
+                roles[i] = TASK
+    return roles
+
+
+def head_update(role, leaf, scale):
+    """The head rule for one non-shared leaf: ``Σ_i c_i g_i`` by role."""
+    if role == NONE:
+        return leaf
+    acc = jnp.promote_types(leaf.dtype, jnp.float32)
+    c, x = scale.astype(acc), leaf.astype(acc)
+    if role == TASK:
+        out = jnp.tensordot(c, x, axes=1, precision=HIGHEST)
+    elif role == SLICED:
+        out = c.reshape((-1,) + (1,) * (x.ndim - 1)) * x
+    else:  # the head of task `role`
+        out = c[role] * x
+    return out.astype(leaf.dtype)
+
+
+def combine(method, leaves, roles, losses, method_state, **extra):
+    """``(updates, weights, method_state)``: the method on the shared leaves, the head rule on
+    the others (module docstring)."""
+    shared = [leaf if r == SHARED else None for leaf, r in zip(leaves, roles)]
+    if not any(x is not None for x in shared):
+        raise ValueError("No shared leaf: the mask leaves nothing for the method to combine.")
+    if isinstance(method, Weighting):
+        used = [x for x in shared if x is not None]
+        weights, method_state = weights_from_gradients(
+            method, used, losses, method_state, **extra
         )
-    raise ValueError(
-        f"aggregate expected its AggregateState (from init), got {type(state).__name__}; "
-        f"aggregate(num_tasks={num_tasks}) must come first in optax.chain."
-    )
-
-
-def _check_num_tasks(num_tasks: Any) -> int:
-    if isinstance(num_tasks, (jax.Array, np.ndarray, np.generic)) or isinstance(
-        num_tasks, jax.core.Tracer
-    ):
-        raise TypeError(
-            f"`num_tasks` must be a Python int, got the array {num_tasks!r}. It fixes the "
-            "state's shapes; with optax.inject_hyperparams pass "
-            "static_args=('num_tasks',), e.g. "
-            "optax.inject_hyperparams(mtl.aggregate, static_args=('num_tasks',))(w, num_tasks=K)."
+        combined = [
+            None
+            if x is None
+            else jnp.tensordot(
+                weights.astype(jnp.promote_types(x.dtype, jnp.float32)),
+                x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+                axes=1,
+                precision=HIGHEST,
+            )
+            for x in shared
+        ]
+        scale = weights if scales_heads(method) else jnp.ones_like(weights)
+    else:
+        if method.needs_losses and losses is None:
+            raise ValueError(
+                f"{method_name(method)} needs the task losses: pass `task_losses=losses` to the "
+                "optimizer's update (linen: mtl.apply_task_gradients(state, task_grads, "
+                "task_losses=losses))."
+            )
+        combined, weights, scale, method_state = method.update(
+            shared, losses, method_state, **extra
         )
-    return check_num_tasks(num_tasks)
+    if losses is not None:  # a non-finite loss poisons the step (apply_if_finite skips it)
+        finite = jnp.all(jnp.isfinite(losses))
+        weights = jnp.where(finite, weights, jnp.nan)
+        scale = jnp.where(finite, scale, jnp.nan)
+        combined = [None if x is None else jnp.where(finite, x, jnp.nan) for x in combined]
+    updates = [
+        c.astype(leaf.dtype) if c is not None else head_update(r, leaf, scale)
+        for leaf, r, c in zip(leaves, roles, combined)
+    ]
+    return updates, jax.lax.stop_gradient(weights).astype(jnp.float32), method_state
 
 
-def _check_losses(task_losses, num_tasks: int):
+def init_method_state(method, num_tasks: int, params: Any, shared: Any):
+    """The method's own state; a stacked aggregator sizes its per-leaf state from the params
+    (every leaf that may be shared: all of them when ``shared`` is left to the split)."""
+    if isinstance(method, Weighting):
+        return method.init(num_tasks)
+    leaves = jax.tree_util.tree_leaves(params)
+    mask = [True] * len(leaves) if shared is None else resolve_mask(shared, params)
+    shapes = [
+        jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)) if m else None
+        for p, m in zip(leaves, mask)
+    ]
+    return method.init(num_tasks, shapes)
+
+
+def check_task_losses(task_losses, num_tasks: int):
     if task_losses is None:
         return None
     shape = jnp.shape(task_losses)
     if shape != (num_tasks,):
         raise ValueError(
-            f"`task_losses` must have shape ({num_tasks},) (num_tasks={num_tasks}, one loss "
-            f"per task, the same tasks as the gradients), got {shape}."
+            f"`task_losses` must have shape ({num_tasks},): one loss per task, the same "
+            f"{num_tasks} tasks as `tasks` and the gradients; got {shape}."
         )
     return task_losses
 
 
-def task_leaves(task_grads, num_tasks: int, params, shared):
-    """``(names, leaves, treedef, mask, stacked)`` of task gradients for a task-axis transform.
-
-    ``mask[i]``: leaf i is shared (weighted); ``stacked[i]``: leaf i has the task axis (the
-    split delivers head leaves already summed). ``shared`` as in :func:`aggregate`; every
-    transform on stacked gradients resolves it here, so they all follow the same rules.
-    """
-    names, leaves, treedef, stacked = unwrap(task_grads, num_tasks, params)
-    if params is None:  # what a callable mask sees: the param shapes, no task axis
-        params_like = jax.tree_util.tree_unflatten(
-            treedef,
-            [
-                jax.ShapeDtypeStruct(g.shape[1:] if s else g.shape, g.dtype)
-                for g, s in zip(leaves, stacked or [True] * len(leaves))
-            ],
-        )
-    else:
-        params_like = params
-    if shared is None:
-        if stacked is None:
-            raise ValueError(
-                "aggregate needs to know which leaves are shared between the tasks, and "
-                "these gradients do not say: pass shared= (a pytree of bools or a "
-                "callable params -> mask; heads False), shared=True if every leaf is "
-                "shared, or compute the gradients with split_value_and_jacobian(encode, "
-                "heads), which knows. Without it the heads would be weighted and enter "
-                "the Gram."
-            )
-        mask = list(stacked)
-    else:
-        mask = resolve_mask(shared, params_like)
-        if stacked is not None:
-            for name, m, s in zip(names, mask, stacked):
-                if m and not s:
-                    raise ValueError(
-                        f"`shared` marks {name} as shared, but the encoder/heads split "
-                        "delivered it summed over the tasks (a head leaf)."
-                    )
-    stacked = stacked or [True] * len(leaves)
-    if not any(mask):
-        raise ValueError("No shared leaf: the mask leaves nothing to weight.")
-    return names, leaves, treedef, mask, stacked
+def new_state(method, num_tasks: int, names, method_state) -> AggregateState:
+    return AggregateState(
+        jnp.zeros(num_tasks, jnp.float32),
+        method_state,
+        names=names,
+        method=method_name(method),
+        has_weights=isinstance(method, Weighting) or method.has_weights,
+    )
 
 
 def aggregate(
-    weighting: Weighting,
+    method: Weighting | StackedAggregator,
     *,
-    num_tasks: int,
+    tasks: int | tuple[str, ...] | list[str],
     shared: Any | Callable | bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """GradientTransformation from stacked per-task gradients to one update (see module doc).
+    """GradientTransformation from per-task gradients to one update (see the module doc).
 
     Args:
-      weighting: any :class:`mtl_optax.Weighting` (e.g. ``mtl.mgda()``).
-      num_tasks: K, the size of the leading task axis (a Python int: it fixes the state's
-        shapes).
+      method: any method of the library, e.g. ``mtl.mgda()``, ``mtl.famo()``,
+        ``mtl.trimmed_mean(trim=1)``.
+      tasks: the number of tasks K (a Python int: it fixes the state's shapes), or their
+        names in order (``task_weights`` then returns a dict; gradients that carry names
+        must match them).
       shared: which leaves are shared between tasks. ``None`` (default): taken from the
         gradients of the encoder/heads split; gradients of the whole model then raise an
         error asking for it. ``True``: every leaf (heads too). A pytree of bools with the
-        structure of ``params`` (or a prefix of it: ``{"trunk": True, "heads": False}``),
-        or a callable ``params -> mask`` (as in ``optax.masked``;
-        without ``params`` in ``update`` it gets shape/dtype stand-ins with the task axis
-        removed). Non-shared leaves are summed over the task axis.
+        structure of ``params`` (or a prefix of it: ``{"trunk": True, "heads": False}``), or
+        a callable ``shared(params) -> mask`` (as in ``optax.masked``): it receives the
+        params pytree (``jax.ShapeDtypeStruct`` stand-ins with the task axis removed when
+        ``update`` gets no ``params``) and returns such a pytree of Python bools. With the
+        split it may only demote encoder leaves to non-shared.
 
-    Extra arguments of ``update``: ``task_losses`` ((K,), required by weightings with
-    ``needs_losses``); others are passed to the weighting, which ignores unknown ones.
+    Extra arguments of ``update``: ``task_losses`` ((K,), required by methods that read the
+    losses); others go to the method, which ignores unknown ones.
     """
-    check_weighting(weighting)
-    _check_num_tasks(num_tasks)
-    if shared is False:
-        raise ValueError("`shared=False` would leave nothing to weight; use True or a mask.")
+    check_method(method)
+    num_tasks, names = check_tasks(tasks)
+    check_shared_argument(shared)
 
     def init(params):
-        del params
-        return AggregateState(
-            weights=jnp.zeros(num_tasks, jnp.float32), weighting_state=weighting.init(num_tasks)
+        return new_state(
+            method, num_tasks, names, init_method_state(method, num_tasks, params, shared)
         )
 
     def update(task_grads, state, params=None, *, task_losses=None, **extra):
-        state = _check_state(state, num_tasks)
-        task_losses = _check_losses(task_losses, num_tasks)
-        names, leaves, treedef, mask, stacked = task_leaves(task_grads, num_tasks, params, shared)
-        gram_leaves = [g for g, s in zip(leaves, stacked) if s]
-        gram_mask = [m for m, s in zip(mask, stacked) if s]
-        weights, weighting_state = weights_from_gradients(
-            weighting, gram_leaves, task_losses, state.weighting_state, mask=gram_mask, **extra
+        state = check_state(state, method, num_tasks, "aggregate")
+        losses = check_task_losses(task_losses, num_tasks)
+        view = unwrap(task_grads, num_tasks, params)
+        check_names(names, view.names, "aggregate")
+        roles = resolve_roles(view, shared, params)
+        updates, weights, method_state = combine(
+            method, view.leaves, roles, losses, state.method_state, **extra
         )
-        if task_losses is not None:  # a non-finite loss poisons the step (apply_if_finite)
-            finite = jnp.all(jnp.isfinite(task_losses))
-            weights = jnp.where(finite, weights, jnp.nan)
-        out = []
-        for use, is_stacked, leaf in zip(mask, stacked, leaves):
-            if use:
-                acc = jnp.promote_types(leaf.dtype, jnp.float32)
-                combined = jnp.tensordot(
-                    weights.astype(acc), leaf.astype(acc), axes=1, precision=HIGHEST
-                )
-            elif is_stacked:
-                combined = jnp.sum(leaf, axis=0)
-            else:
-                combined = leaf
-            out.append(combined.astype(leaf.dtype))
-        return jax.tree_util.tree_unflatten(treedef, out), AggregateState(weights, weighting_state)
+        return jax.tree_util.tree_unflatten(view.treedef, updates), state.replace(
+            weights, method_state
+        )
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-def task_weights(opt_state) -> jax.Array:
-    """The last task weights kept by the one :func:`aggregate` in an optimizer state.
-
-    Works on any optax state tree (``optax.chain`` tuples, wrappers) and on
-    ``nnx.Optimizer(...).opt_state``, whose leaves flax wraps in ``OptState`` variables; the
-    result is a plain array, ready to log.
-    """
-    found = [
-        s
-        for s in jax.tree_util.tree_leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, AggregateState)
-        )
-        if isinstance(s, AggregateState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"Expected exactly one aggregate() state in the optimizer state, found {len(found)}."
-        )
-    return jnp.asarray(_plain(found[0].weights))

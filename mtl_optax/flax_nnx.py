@@ -1,23 +1,31 @@
-"""Flax NNX models through the per-task gradients (optional: needs ``flax``).
+"""Flax NNX models through every entry point (optional: needs ``flax``).
 
-``import mtl_optax.flax_nnx as mtl_nnx`` (the core package never imports flax). Each helper
-takes an ``nnx.Module`` where :mod:`mtl_optax` takes a params pytree, differentiates with
-respect to the variables selected by ``wrt`` (default ``nnx.Param``) and, like
-``nnx.value_and_grad``, writes every other variable the forward pass changed back into the
-model: RNG counts advance (a new dropout mask each step) and BatchNorm statistics update,
-exactly as after the same forward pass under ``nnx.value_and_grad``. The model is
+``import mtl_optax.flax_nnx as mtl_nnx`` (the core package never imports flax). The four
+entry points of :mod:`mtl_optax` take an ``nnx.Module`` where they take a params pytree,
+differentiate with respect to the variables selected by ``wrt`` (default ``nnx.Param``) and,
+like ``nnx.value_and_grad``, write every other variable the forward pass changed back into
+the model: RNG counts advance (a new dropout mask each step) and BatchNorm statistics
+update, exactly as after the same forward pass under ``nnx.value_and_grad``. The model is
 differentiated as a pure function (``nnx.split`` / ``nnx.merge`` on a copy), so nothing
 mutates a variable from inside the differentiation trace.
 
-* :func:`value_and_jacobian` (any model, tier 3) and :func:`split_value_and_jacobian`
-  (encoder/heads split, tier 3): the result goes straight to
-  ``nnx.Optimizer(model, optax.chain(mtl.aggregate(...), tx), wrt=nnx.Param).update(model,
-  task_grads, task_losses=losses)``; ``mtl.task_weights(optimizer.opt_state)`` gives the
-  last weights as a plain array.
-* :func:`split_value_and_grad` (tiers 1 and 2, and the bounded-memory tier 3): the
-  weighting's state lives in a :class:`TaskWeighting` object, updated in place like the
-  model, which also keeps the last weights (``task_weighting.weights``); the returned
-  gradients are ordinary ``nnx.grad``-shaped gradients for any ``nnx.Optimizer``.
+| | tiers 1/2 | tier 3 |
+|---|---|---|
+| split | :func:`split_value_and_grad` | :func:`split_value_and_jacobian` + ``mtl.aggregate`` |
+| whole model | :func:`value_and_grad` | :func:`value_and_jacobian` + ``mtl.aggregate`` |
+
+The split takes ``encoder(model, batch) -> z`` and heads as in :mod:`mtl_optax.heads`: a
+sequence or dict of ``head_i(model, z, batch) -> scalar``, or
+``mtl.stacked_heads(head, head_params=lambda model: model.heads)`` with the heads built by
+``nnx.vmap`` and ``head(head_module_i, z, batch, task_index)`` (stacked heads run vmapped:
+they may not change non-parameter state, so dropout / BatchNorm belong in the encoder).
+
+Tier 3 keeps the method's state in the optimizer: ``nnx.Optimizer(model,
+optax.chain(mtl.aggregate(method, tasks=K), tx), wrt=nnx.Param)`` then
+``optimizer.update(model, task_grads, task_losses=losses)``; ``mtl.task_weights(optimizer)``
+gives the last weights. Tiers 1 and 2 pass their state explicitly
+(``state = grad_fn.init(model)``; ``losses, grads, state = grad_fn(model, batch, state)``)
+and their ``grads`` go to any ``nnx.Optimizer``.
 
 Checked in ``tests/test_flax_nnx.py``: dropout masks differ between consecutive steps and
 the RNG counts, BatchNorm statistics and parameters after n steps equal those of the same
@@ -25,9 +33,9 @@ training written with ``nnx.value_and_grad`` and with the plain-pytree API (bit 
 
 Example::
 
-    jac = mtl_nnx.split_value_and_jacobian(encode, heads, num_tasks=K)
+    jac = mtl_nnx.split_value_and_jacobian(encoder, {"a": head_a, "b": head_b})
     optimizer = nnx.Optimizer(
-        model, optax.chain(mtl.aggregate(mtl.mgda(), num_tasks=K), optax.adam(1e-3)),
+        model, optax.chain(mtl.aggregate(mtl.mgda(), tasks=["a", "b"]), optax.adam(1e-3)),
         wrt=nnx.Param)
 
     @nnx.jit
@@ -42,30 +50,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+try:
+    from flax import nnx
+except ImportError as error:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        'mtl_optax.flax_nnx needs flax: pip install "mtl-optax[flax]" (or pip install flax).'
+    ) from error
+
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from mtl_optax import jacobian as _jacobian
 from mtl_optax import split as _split
-from mtl_optax.weighting.base import Weighting, check_num_tasks
+from mtl_optax import whole_model as _whole
+from mtl_optax.heads import resolve_heads, stacked_num_tasks
+from mtl_optax.task_gradients import check_strategy
+from mtl_optax.weighted import WeightedGradFunction, check_weighting_method
 
 
-class TaskWeighting(nnx.Module):
-    """Home of a weighting's state for tiers 1 and 2 under nnx (updated in place).
-
-    ``weights`` (an ``nnx.Variable``) holds the last task weights, ``state`` the
-    weighting's own state; pass the object to the function made by
-    :func:`split_value_and_grad` (inside ``nnx.jit`` too, like the model).
-    """
-
-    def __init__(self, weighting: Weighting, *, num_tasks: int):
-        _split.check_weighting(weighting)
-        check_num_tasks(num_tasks)
-        self.weighting = nnx.static(weighting)
-        self.num_tasks = num_tasks
-        self.state = nnx.Variable(weighting.init(num_tasks))
-        self.weights = nnx.Variable(jnp.zeros(num_tasks, jnp.float32))
+def _check_model(model: Any, where: str) -> None:
+    if isinstance(model, nnx.Module):
+        return
+    hint = ""
+    if isinstance(model, nnx.State):
+        hint = " It is an nnx.State: pass the model itself (mtl_nnx splits and merges it)."
+    raise TypeError(f"{where} takes the nnx model as first argument, got {type(model).__name__}.{hint}")
 
 
 def _pure(model: nnx.Module, wrt) -> tuple[Any, Any, Callable, Callable]:
@@ -77,15 +85,62 @@ def _pure(model: nnx.Module, wrt) -> tuple[Any, Any, Callable, Callable]:
     """
     graphdef, params, rest = nnx.split(model, wrt, ...)
 
+    def merge(p, r):
+        return nnx.merge(graphdef, p, r, copy=True)
+
     def call(fn, p, r, *args, **kwargs):
-        copy = nnx.merge(graphdef, p, r, copy=True)
+        copy = merge(p, r)
         out = fn(copy, *args, **kwargs)
         return out, nnx.split(copy, wrt, ...)[2]
 
     def finish(new_rest):
         nnx.update(model, new_rest)
 
+    call.merge = merge
     return params, rest, call, finish
+
+
+def _pure_split(encoder, spec, call, rest, wrt) -> _split.PureSplit:
+    """The nnx split as pure functions of the ``wrt`` state (threading the rest as carry)."""
+    encode = lambda p, b: call(encoder, p, rest, b)  # noqa: E731
+    if spec.stacked is None:
+        return _split.PureSplit(
+            spec, encode, lambda i, p, z, b, carry: call(spec.fns[i], p, carry, z, b), None, None
+        )
+    head, select = spec.stacked
+
+    def sub_module(p, carry):
+        module = select(call.merge(p, carry))
+        if not isinstance(module, nnx.Module):
+            raise TypeError(
+                "stacked_heads: under mtl_optax.flax_nnx, `head_params` takes the model and "
+                f"returns the head module built with nnx.vmap, got {type(module).__name__}."
+            )
+        return nnx.split(module, wrt, ...)
+
+    def stacked(p, features, batch, carry):
+        graphdef, head_state, head_rest = sub_module(p, carry)
+        k = stacked_num_tasks(jax.tree_util.tree_leaves(head_state))
+        before = jax.tree_util.tree_leaves(head_rest)
+
+        def one(state_i, z, i):
+            module = nnx.merge(graphdef, state_i, head_rest, copy=True)
+            loss = head(module, z, batch, i)
+            after = jax.tree_util.tree_leaves(nnx.split(module, wrt, ...)[2])
+            if len(after) != len(before) or any(a is not b for a, b in zip(after, before)):
+                raise ValueError(
+                    "stacked_heads: the heads changed non-parameter state (dropout RNG counts or "
+                    "BatchNorm statistics) inside the vmapped pass; put dropout / BatchNorm in "
+                    "the encoder, or give the heads as a sequence or dict."
+                )
+            return loss
+
+        return jax.vmap(one)(head_state, features, jnp.arange(k)), carry
+
+    def select_state(p):
+        return sub_module(p, rest)[1]
+
+    return _split.PureSplit(spec, encode, None, stacked, select_state)
 
 
 def value_and_jacobian(
@@ -96,7 +151,7 @@ def value_and_jacobian(
     chunk_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable:
-    """:func:`mtl_optax.value_and_jacobian` for ``loss_fn(model, *args, **kwargs) -> (K,)``.
+    """:func:`mtl_optax.value_and_jacobian` for ``loss_fn(model, *args, **kwargs) -> losses``.
 
     Returns ``f(model, *args, **kwargs) -> (losses, task_grads)`` (``((losses, aux),
     task_grads)`` with ``has_aux``); ``task_grads`` wraps an ``nnx.State`` like
@@ -105,9 +160,10 @@ def value_and_jacobian(
     ``aggregate`` then needs ``shared=`` (use :func:`split_value_and_jacobian` for a shared
     encoder).
     """
-    _jacobian.check_strategy(strategy, chunk_size)
+    check_strategy(strategy, chunk_size)
 
     def wrapped(model, *args, **kwargs):
+        _check_model(model, "value_and_jacobian")
         params, rest, call, finish = _pure(model, wrt)
 
         def losses_and_rest(p):
@@ -115,7 +171,7 @@ def value_and_jacobian(
             losses, aux = out if has_aux else (out, None)
             return losses, (aux, new_rest)
 
-        (losses, (aux, new_rest)), task_grads = _jacobian.value_and_jacobian(
+        (losses, (aux, new_rest)), task_grads = _whole.value_and_jacobian(
             losses_and_rest, strategy=strategy, chunk_size=chunk_size, has_aux=True
         )(params)
         finish(new_rest)
@@ -124,86 +180,106 @@ def value_and_jacobian(
     return wrapped
 
 
-def _split_forward(encode, heads, model, batch, num_tasks, wrt):
-    """``(forward, finish)``: the split's forward pass on ``model``, threading the
-    non-params variables from ``encode`` to ``heads`` in the order of one forward pass;
-    ``finish()`` writes them back into ``model``."""
-    params, rest, call, finish = _pure(model, wrt)
+def value_and_grad(
+    loss_fn: Callable,
+    method,
+    *,
+    tasks: int | tuple[str, ...] | list[str],
+    shared: Any,
+    wrt: Any = nnx.Param,
+    chunk_size: int | None = None,
+) -> WeightedGradFunction:
+    """:func:`mtl_optax.value_and_grad` for ``loss_fn(model, batch) -> losses``.
 
-    def enc(p, b):
-        return call(encode, p, rest, b)
+    ``grad_fn.init(model) -> state``; ``grad_fn(model, batch, state) -> (losses, grads,
+    state)`` with ``grads`` shaped like ``nnx.state(model, wrt)``. ``shared`` is a mask over
+    ``nnx.state(model, wrt)`` (or a callable of it), as in :func:`mtl_optax.aggregate`.
+    """
+    config = _whole.whole_model_config(method, tasks, shared, chunk_size)
 
-    def hds(p, features, b, carry):
-        return call(heads, p, carry, features, b)
+    def step(model, batch, weighting_state, **extra):
+        _check_model(model, "value_and_grad")
+        params, rest, call, finish = _pure(model, wrt)
+        out = _whole.whole_model_step(
+            lambda p, b: call(loss_fn, p, rest, b), config, params, batch, weighting_state,
+            **extra,
+        )
+        finish(out[-1])
+        return out[:-1]
 
-    forward = _split.split_forward(enc, hds, params, batch, num_tasks)
-    return forward, lambda: finish(forward.carry)
+    def init(model):
+        _check_model(model, "value_and_grad.init")
+        return config.num_tasks, config.task_names
+
+    return WeightedGradFunction(config.weighting, init, step, "value_and_grad")
 
 
 def split_value_and_jacobian(
-    encode: Callable,
-    heads: Callable,
+    encoder: Callable,
+    heads: Any,
     *,
-    num_tasks: int,
     wrt: Any = nnx.Param,
     strategy: str = "auto",
     chunk_size: int | None = None,
 ) -> Callable:
     """:func:`mtl_optax.split_value_and_jacobian` for nnx: ``f(model, batch)``.
 
-    ``encode(model, batch) -> z`` and ``heads(model, features, batch) -> (K,)`` (task i
-    reads only ``features[i]``). The encoder variables are those ``encode`` reads; the
-    heads' gradients arrive summed, so ``aggregate`` needs no ``shared`` mask (also after
-    ``nnx.Optimizer`` re-wraps them). RNG counts and batch statistics change exactly as
-    when ``heads(model, features, batch)`` follows ``encode(model, batch)`` in one forward
-    pass.
+    ``encoder(model, batch) -> z``; heads as in :mod:`mtl_optax.heads` with the model in
+    place of params. The encoder variables are those ``encoder`` reads; each head leaf
+    belongs to the heads that read it, so ``aggregate`` needs no ``shared`` mask (also after
+    ``nnx.Optimizer`` re-wraps the gradients). RNG counts and batch statistics change
+    exactly as when the heads follow ``encoder(model, batch)`` in one forward pass.
     """
-    check_num_tasks(num_tasks)
-    _jacobian.check_strategy(strategy, chunk_size)
+    spec = resolve_heads(heads)
+    check_strategy(strategy, chunk_size)
 
     def wrapped(model, batch):
-        forward, finish = _split_forward(encode, heads, model, batch, num_tasks, wrt)
+        _check_model(model, "split_value_and_jacobian")
+        params, rest, call, finish = _pure(model, wrt)
+        forward = _split.split_forward(_pure_split(encoder, spec, call, rest, wrt), params, batch)
         task_grads = _split.split_jacobian(forward, strategy, chunk_size)
-        finish()
+        finish(forward.carry)
         return forward.losses, task_grads
 
     return wrapped
 
 
 def split_value_and_grad(
-    encode: Callable,
-    heads: Callable,
+    encoder: Callable,
+    heads: Any,
+    method,
     *,
     wrt: Any = nnx.Param,
     gram: str = "features",
     chunk_size: int | None = None,
-) -> Callable:
-    """:func:`mtl_optax.split_value_and_grad` for nnx: ``f(model, task_weighting, batch)``.
+) -> WeightedGradFunction:
+    """:func:`mtl_optax.split_value_and_grad` for nnx.
 
-    ``task_weighting`` is a :class:`TaskWeighting`; its state and ``weights`` are updated
-    in place. Returns ``(losses, grads)`` (as in :func:`mtl_optax.split_value_and_grad`)
-    shaped like ``nnx.state(model, wrt)``, for ``nnx.Optimizer.update(model, grads)``.
-    ``gram`` and ``chunk_size`` as in :func:`mtl_optax.split_value_and_grad`; extra keyword
-    arguments go to the weighting.
+    ``grad_fn.init(model) -> state``; ``grad_fn(model, batch, state, **extra) -> (losses,
+    grads, state)``, ``grads`` shaped like ``nnx.state(model, wrt)`` for any
+    ``nnx.Optimizer``. ``gram`` and ``chunk_size`` as in
+    :func:`mtl_optax.split_value_and_grad`; extra keyword arguments go to the weighting.
     """
+    spec = resolve_heads(heads)
+    weighting = check_weighting_method(method, "split_value_and_grad", "split_value_and_jacobian")
     _split.check_gram_mode(gram, chunk_size)
 
-    def wrapped(model, task_weighting, batch, **extra):
-        if not isinstance(task_weighting, TaskWeighting):
-            raise TypeError(
-                "The second argument must be a mtl_optax.flax_nnx.TaskWeighting (the home of "
-                "the weighting's state), e.g. TaskWeighting(mtl.mgda(), num_tasks=K); got "
-                f"{type(task_weighting).__name__}."
-            )
-        weighting = task_weighting.weighting
-        forward, finish = _split_forward(encode, heads, model, batch, task_weighting.num_tasks, wrt)
-        weights, state, backward = _split.split_weights(
-            forward, weighting, task_weighting.state.get_value(), gram, chunk_size, **extra
-        )
-        grads = _split.weighted_grads(forward, weights, backward)
-        finish()
-        task_weighting.state.set_value(state)
-        task_weighting.weights.set_value(jax.lax.stop_gradient(weights).astype(jnp.float32))
-        return forward.losses, grads
+    def init(model):
+        _check_model(model, "split_value_and_grad.init")
+        if spec.fns is not None:
+            return len(spec.fns), spec.names
+        params, rest, call, _ = _pure(model, wrt)
+        pure = _pure_split(encoder, spec, call, rest, wrt)
+        return stacked_num_tasks(jax.tree_util.tree_leaves(pure.select(params))), None
 
-    return wrapped
+    def step(model, batch, weighting_state, **extra):
+        _check_model(model, "split_value_and_grad")
+        params, rest, call, finish = _pure(model, wrt)
+        forward = _split.split_forward(_pure_split(encoder, spec, call, rest, wrt), params, batch)
+        grads, weights, state = _split.split_step(
+            forward, weighting, weighting_state, gram, chunk_size, **extra
+        )
+        finish(forward.carry)
+        return forward.losses, grads, weights, state, forward.names
+
+    return WeightedGradFunction(weighting, init, step, "split_value_and_grad")

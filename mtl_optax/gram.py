@@ -1,7 +1,8 @@
 """The Gram matrix of the task gradients, ``G = J Jᵀ``, computed once for every tier.
 
 ``G_ij = Σ_leaves ⟨g_i, g_j⟩`` over the shared leaves, in float32 or wider with full-precision
-matmuls.
+matmuls: from stacked gradients (:func:`task_gram`), or through a linear map without ever
+holding them (:func:`linear_gram`, the bounded-memory mode).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def power_of_two_exponent(task_grads, mask: list[bool] | None = None) -> jax.Arr
     """
     leaves = jax.tree_util.tree_leaves(task_grads)
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-    used = [leaf for use, leaf in zip(mask or [True] * len(leaves), leaves) if use]
+    used = [leaf for use, leaf in zip(mask or [True] * len(leaves), leaves) if use and leaf.size]
     if not used:
         return jnp.zeros((), jnp.int32)
     peak = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in used]))
@@ -90,3 +91,51 @@ def weights_from_gradients(weighting, task_grads, losses, state, *, mask=None, *
         )
     gram, exponent = scaled_task_gram(task_grads, mask, diagonal_only=diagonal)
     return apply_weighting(weighting, gram, losses, state, log2_scale=2 * exponent, **extra)
+
+
+def linear_gram(
+    vjp,
+    jvp,
+    cotangents,
+    *,
+    diagonal_only: bool,
+    chunk_size: int | None,
+    exponent: jax.Array | int = 0,
+) -> jax.Array:
+    """Gram of ``g_i = Aᵀ c_i`` for a linear map ``A`` without holding the K gradients.
+
+    ``vjp(c) -> [leaves]`` applies ``Aᵀ`` (one backward pass) and ``jvp([leaves]) -> t``
+    applies ``A`` (one forward-mode pass); ``cotangents`` are the K rows ``c_i`` (a pytree
+    with a leading task axis). Column j: ``g_j = Aᵀ c_j``, then ``G_ij = ⟨c_i, A g_j⟩``, which
+    equals ``⟨g_i, g_j⟩``. ``diagonal_only`` stops after the backward pass (``‖g_j‖²``).
+    ``chunk_size`` columns are computed at a time (``None``: one). With ``exponent`` e the
+    result is ``4^-e G``: each cotangent and each tangent is scaled by ``2^-e`` (exact), so
+    the Gram of huge or tiny gradients neither overflows nor underflows. Memory: the
+    cotangents plus ``chunk_size`` gradients.
+
+    The split's encoder (``A`` = the encoder's Jacobian, ``c_i = ∂L_i/∂z``) and the whole
+    model (``A`` = the Jacobian of the losses, ``c_i = e_i``) both use it.
+    """
+    leaves = jax.tree_util.tree_leaves(cotangents)
+    k = leaves[0].shape[0]
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+    def column(cotangent):
+        grads = vjp(jax.tree_util.tree_map(lambda a: jnp.ldexp(a, -exponent), cotangent))
+        if diagonal_only:
+            return sum(jnp.sum(jnp.square(g.astype(dtype))) for g in grads)
+        tangent = jax.tree_util.tree_leaves(jvp(grads))
+        return sum(
+            jnp.matmul(
+                f.reshape(k, -1),
+                jnp.ldexp(t.reshape(-1), -exponent).astype(f.dtype),
+                precision=HIGHEST,
+                preferred_element_type=dtype,
+            )
+            for f, t in zip(leaves, tangent)
+        )
+
+    columns = jax.lax.map(column, cotangents, batch_size=chunk_size)
+    if diagonal_only:
+        return jnp.diag(columns)
+    return 0.5 * (columns + columns.T)  # exact in exact arithmetic; removes rounding asymmetry

@@ -1,73 +1,110 @@
 """The encoder/heads split: per-task gradients only where the tasks share parameters.
 
-Most multi-task models are a shared encoder ``z = encode(params, batch)`` followed by task
-heads. Only the encoder's parameters need one gradient per task; the heads' gradients are
-those of the summed loss. The user writes two functions:
+Most multi-task models are a shared encoder ``z = encoder(params, batch)`` followed by task
+heads. Only the encoder's parameters need one gradient per task; each head only serves its
+own task. The user gives:
 
-* ``encode(params, batch) -> z`` (any pytree of features);
-* ``heads(params, features, batch) -> (K,)`` task losses, where ``features`` is ``z`` with
-  a leading task axis of size K on every leaf and **the loss of task i reads only
-  ``features[i]``** (a list of heads reads ``features[i]`` in head i; stacked heads use
-  ``jnp.einsum("kbd,kdc->kbc", features, w)`` instead of ``"bd,kdc->kbc"``). All K copies
-  hold the same values, so the losses are those of the model; the copies only keep the
-  tasks apart in the backward pass.
+* ``encoder(params, batch) -> z`` (any pytree of features);
+* ``heads``: a sequence or a dict (task names) of per-task losses
+  ``head_i(params, z, batch) -> scalar``, or ``mtl.stacked_heads(head, head_params=...)``
+  (one vmapped head, parameters stacked on a task axis) — see :mod:`mtl_optax.heads`. The
+  library gives head ``i`` its own copy of ``z``, so no head can read another task's features.
 
-One backward pass of ``Σ_i L_i`` through the heads then gives, at once, the head gradients
-and every feature gradient ``∂L_i/∂z`` (the cotangent of copy i): no K passes through the
-heads at any K. From there:
+One backward pass through the heads gives, at once, the head gradients and every feature
+gradient ``∂L_i/∂z``: no K passes through the heads at any K. From there:
 
 * :func:`split_value_and_jacobian` (tier 3, exact): the per-task encoder gradients, one
-  encoder backward pass per feature cotangent (``strategy`` as in
-  :func:`mtl_optax.value_and_jacobian`), returned as :class:`mtl_optax.TaskGradients`
-  whose encoder leaves are stacked ``(K, *shape)`` and whose head leaves are already summed
-  over the tasks, so :func:`mtl_optax.aggregate` needs no ``shared`` mask;
-* :func:`split_value_and_grad` (tiers 1 and 2, and tier 3 with bounded memory): the
-  weights from the losses, the Gram of the feature gradients (``gram="features"``,
-  MGDA-UB of Sener & Koltun, 2018) or the exact Gram of the encoder gradients computed
-  column by column without holding the K × parameters Jacobian (``gram="parameters"``),
-  then one backward pass of ``Σ_i w_i L_i``.
+  encoder backward pass per feature gradient (``strategy`` as in
+  :func:`mtl_optax.value_and_jacobian`), returned as :class:`mtl_optax.TaskGradients` that
+  know which leaves are shared and which head belongs to which task, for
+  :func:`mtl_optax.aggregate` (no ``shared`` mask);
+* :func:`split_value_and_grad` (tiers 1 and 2, and tier 3 with bounded memory): the weights
+  from the losses, the Gram of the feature gradients (``gram="features"``, MGDA-UB of Sener &
+  Koltun, 2018) or the exact Gram of the encoder gradients computed column by column without
+  holding the K × parameters Jacobian (``gram="parameters"``), then one backward pass.
+
+Both follow :func:`mtl_optax.aggregate`'s head rule: head ``i`` gets ``w_i ∇L_i`` from a
+scalarization and ``∇L_i`` from a Gram weighting.
 
 Which leaves belong to the encoder is read from the computation itself: a leaf is an
-encoder leaf when ``encode`` reads it (its jaxpr uses it), every other leaf is a head leaf.
-A leaf read by both (tied weights) is rejected with a pointer to
-:func:`mtl_optax.value_and_jacobian`, which handles any model.
+encoder leaf when ``encoder`` reads it (its jaxpr uses it); a head leaf belongs to the heads
+that read it. A leaf read by both the encoder and a head (tied weights) is rejected with a
+pointer to :func:`mtl_optax.value_and_jacobian`, which handles any model.
 
-Checked in ``tests/test_split.py``: encoder gradients equal ``jax.jacrev`` of each task
-loss, head gradients equal the summed-loss gradient, the split's aggregate equals
-``aggregate`` on the full Jacobian with a hand-written mask, the feature Gram equals the
-Gram of ``jax.jacrev`` of the losses with respect to ``z``, and the bounded-memory Gram,
-weights and update equal the default tier 3 for every Gram weighting in ``tests/zoo.py``.
+Checked in ``tests/test_split.py``: encoder gradients equal ``jax.jacrev`` of each task loss,
+head gradients follow the head rule, the split's aggregate equals ``aggregate`` on the full
+Jacobian with a hand-written mask, the feature Gram equals the Gram of ``jax.jacrev`` of the
+losses with respect to ``z``, and the bounded-memory Gram, weights and update equal the
+default tier 3 for every Gram weighting in ``tests/zoo.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Literal
 
-from mtl_optax.gram import HIGHEST, apply_weighting, power_of_two_exponent, weights_from_gradients
-from mtl_optax.jacobian import TaskGradients, check_strategy, map_over_tasks
-from mtl_optax.weighted import WeightedGrads
-from mtl_optax.weighting.base import Weighting, check_num_tasks
+from mtl_optax.gram import HIGHEST, apply_weighting, linear_gram, power_of_two_exponent
+from mtl_optax.gram import weights_from_gradients
+from mtl_optax.heads import (
+    HeadsForward,
+    HeadsSpec,
+    reads_leaves,
+    resolve_heads,
+    run_sequence,
+    run_stacked,
+    selected_leaves,
+    stacked_num_tasks,
+)
+from mtl_optax.task_gradients import SHARED, TaskGradients, check_strategy, map_over_tasks
+from mtl_optax.weighted import WeightedGradFunction, check_weighting_method
+from mtl_optax.weighting.base import scales_heads
 
 GRAMS = ("features", "parameters")
 
 
-def reads_leaves(fn: Callable, leaves: Sequence[Any], treedef) -> list[bool]:
-    """For each leaf, whether ``fn(tree)`` reads it (the leaf's variable is used in the jaxpr).
+class PureSplit(NamedTuple):
+    """The split as pure functions of a params pytree (flax models are wrapped into this).
 
-    Traces ``fn`` once more (trace time only, nothing runs). An input used only in code
-    whose result is discarded still counts as read.
+    ``encode(params, batch) -> (z, carry)``; ``head(i, params, z, batch, carry) -> (L_i,
+    carry)`` for the sequence form; ``stacked(params, z_stacked, batch, carry) -> (losses,
+    carry)`` and ``select(params)`` for the stacked form. The carry threads state such as
+    flax RNG counts from the encoder through the heads, in the order of one forward pass.
     """
-    closed = jax.make_jaxpr(lambda xs: fn(jax.tree_util.tree_unflatten(treedef, xs)))(list(leaves))
-    used = set()
-    for eqn in closed.jaxpr.eqns:
-        used.update(v for v in eqn.invars if not isinstance(v, Literal))
-    used.update(v for v in closed.jaxpr.outvars if not isinstance(v, Literal))
-    return [v in used for v in closed.jaxpr.invars]
+
+    spec: HeadsSpec
+    encode: Callable
+    head: Callable | None
+    stacked: Callable | None
+    select: Callable | None
+
+
+def plain_split(encoder: Callable, heads: Any) -> PureSplit:
+    """The user's functions of a params pytree as a :class:`PureSplit`."""
+    if not callable(encoder):
+        raise TypeError(f"`encoder` must be callable, got {type(encoder).__name__}.")
+    spec = resolve_heads(heads)
+    if spec.stacked is None:
+        return PureSplit(
+            spec,
+            lambda p, b: (encoder(p, b), None),
+            lambda i, p, z, b, carry: (spec.fns[i](p, z, b), carry),
+            None,
+            None,
+        )
+    head, select = spec.stacked
+
+    def stacked(params, features, batch, carry):
+        head_params = select(params)
+        k = stacked_num_tasks(jax.tree_util.tree_leaves(head_params))
+        losses = jax.vmap(lambda hp, z, i: head(hp, z, batch, i))(
+            head_params, features, jnp.arange(k)
+        )
+        return losses, carry
+
+    return PureSplit(spec, lambda p, b: (encoder(p, b), None), None, stacked, select)
 
 
 class SplitForward(NamedTuple):
@@ -75,245 +112,166 @@ class SplitForward(NamedTuple):
 
     losses: jax.Array  # (K,)
     carry: Any  # what the heads returned beside the losses (flax: the updated non-params)
-    encoder_mask: list[bool]  # per leaf of params: read by the encoder
+    roles: list  # per leaf of params: "shared" (encoder) or the head leaf's role
     encoder_vjp: Callable  # z-cotangent -> [encoder-leaf gradients]
     encoder_jvp: Callable  # [encoder-leaf tangents] -> z-tangent
-    heads_vjp: Callable  # (K,) loss cotangent -> ([head-leaf gradients], feature cotangents)
+    heads: HeadsForward
     join: Callable  # (encoder leaves, head leaves) -> pytree like params
+    names: tuple | None
 
 
-def split_forward(
-    encode: Callable, heads: Callable, params: Any, batch: Any, num_tasks: int
-) -> SplitForward:
-    """Run the split once. Here ``encode(params, batch) -> (z, carry)`` and
-    ``heads(params, features, batch, carry) -> (losses, carry)`` (the public functions wrap
-    the plain forms; the carry threads state such as flax RNG counts from the encoder to the
-    heads, in the order of the model's own forward pass)."""
+def _leaf_names(params) -> list[str]:
+    return [
+        jax.tree_util.keystr(path) or "<root>"
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
+
+
+def split_forward(pure: PureSplit, params: Any, batch: Any) -> SplitForward:
+    """Run the split once: losses, leaf roles, and the encoder and heads backward passes."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if not leaves:
         raise ValueError("`params` has no array leaves to differentiate.")
-    encoder_mask = reads_leaves(lambda p: encode(p, batch)[0], leaves, treedef)
+    names = _leaf_names(params)
+    for name, leaf in zip(names, leaves):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"params leaf {name} has dtype {jnp.result_type(leaf)}; only real floating-point "
+                "parameters can be differentiated (keep integer state out of params)."
+            )
+
+    def unflatten(xs):
+        return jax.tree_util.tree_unflatten(treedef, xs)
+
+    encoder_mask = reads_leaves(lambda xs: pure.encode(unflatten(xs), batch)[0], leaves)
     if not any(encoder_mask):
         raise ValueError(
-            "`encode` reads none of the params leaves, so there is no shared encoder: use "
-            "weighted_value_and_grad or value_and_jacobian for this model."
+            "`encoder` reads none of the params leaves, so there is no shared encoder: use "
+            "mtl.value_and_grad or mtl.value_and_jacobian for this model."
         )
     encoder_leaves = [x for x, m in zip(leaves, encoder_mask) if m]
     head_leaves = [x for x, m in zip(leaves, encoder_mask) if not m]
 
     def join(enc, head):
         enc, head = iter(enc), iter(head)
-        return jax.tree_util.tree_unflatten(
-            treedef, [next(enc) if m else next(head) for m in encoder_mask]
-        )
+        return unflatten([next(enc) if m else next(head) for m in encoder_mask])
 
     z, encoder_jvp, carry = jax.linearize(
-        lambda enc: encode(join(enc, head_leaves), batch), encoder_leaves, has_aux=True
+        lambda enc: pure.encode(join(enc, head_leaves), batch), encoder_leaves, has_aux=True
     )
+    for leaf in jax.tree_util.tree_leaves(z):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"`encoder` returned features of dtype {jnp.result_type(leaf)}; the features z "
+                "must be real floating point (their gradients carry the tasks apart)."
+            )
     encoder_transpose = jax.linear_transpose(encoder_jvp, encoder_leaves)
 
-    def encoder_vjp(z_cotangent):
-        return encoder_transpose(z_cotangent)[0]
-
-    features = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_tasks, *a.shape)), z)
-    tied = [
-        i
-        for i, (m, r) in enumerate(
-            zip(
-                encoder_mask,
-                reads_leaves(lambda p: heads(p, features, batch, carry)[0], leaves, treedef),
-            )
-        )
-        if m and r
-    ]
-    if tied:
-        names = [
-            jax.tree_util.keystr(path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-        ]
+    def tied_error(leaf_ids):
         raise ValueError(
-            f"Leaves {', '.join(names[i] for i in tied)} are read by both `encode` and "
-            "`heads` (tied weights): their per-task gradients do not all pass through the "
-            "features. Use value_and_jacobian(task_losses) with an explicit `shared` mask "
+            f"Leaves {', '.join(names[i] for i in leaf_ids)} are read by both `encoder` and "
+            "the heads (tied weights): their per-task gradients do not all pass through the "
+            "features. Use mtl.value_and_jacobian(task_losses) with an explicit `shared` mask "
             "for this model."
         )
-    losses, heads_vjp, carry = jax.vjp(
-        lambda head, f: heads(join(encoder_leaves, head), f, batch, carry),
-        head_leaves,
-        features,
-        has_aux=True,
-    )
-    if jnp.shape(losses) != (num_tasks,):
-        raise ValueError(
-            f"`heads` must return the {num_tasks} task losses as shape ({num_tasks},) "
-            f"(num_tasks={num_tasks}), got shape {jnp.shape(losses)}."
+
+    spec = pure.spec
+    if spec.fns is not None:
+        reads = []
+        for i in range(len(spec.fns)):
+            r = reads_leaves(
+                lambda xs, i=i: pure.head(i, unflatten(xs), z, batch, carry)[0], leaves
+            )
+            tied = [j for j, (m, x) in enumerate(zip(encoder_mask, r)) if m and x]
+            if tied:
+                tied_error(tied)
+            reads.append([x for x, m in zip(r, encoder_mask) if not m])
+        labels = [repr(n) for n in spec.names] if spec.names else [str(i) for i in range(len(reads))]
+        heads = run_sequence(
+            spec.fns,
+            labels,
+            head_leaves,
+            lambda i, h, z_, c: pure.head(i, join(encoder_leaves, h), z_, batch, c),
+            z,
+            carry,
+            reads,
         )
-    return SplitForward(losses, carry, encoder_mask, encoder_vjp, encoder_jvp, heads_vjp, join)
-
-
-def _plain_encode(encode: Callable) -> Callable:
-    return lambda params, batch: (encode(params, batch), None)
-
-
-def _plain_heads(heads: Callable) -> Callable:
-    return lambda params, features, batch, carry: (heads(params, features, batch), carry)
+    else:
+        chosen = selected_leaves(pure.select(params), leaves, "head_params")
+        tied = [j for j, (m, c) in enumerate(zip(encoder_mask, chosen)) if m and c]
+        if tied:
+            tied_error(tied)
+        sliced = [c for c, m in zip(chosen, encoder_mask) if not m]
+        k = stacked_num_tasks([x for x, c in zip(head_leaves, sliced) if c])
+        heads = run_stacked(
+            head_leaves,
+            sliced,
+            lambda h, f, c: pure.stacked(join(encoder_leaves, h), f, batch, c),
+            z,
+            k,
+            carry,
+        )
+    head_roles = iter(heads.roles)
+    roles = [SHARED if m else next(head_roles) for m in encoder_mask]
+    return SplitForward(
+        heads.losses,
+        heads.carry,
+        roles,
+        lambda cot: encoder_transpose(cot)[0],
+        encoder_jvp,
+        heads,
+        join,
+        spec.names,
+    )
 
 
 def split_jacobian(
     forward: SplitForward, strategy: str = "auto", chunk_size: int | None = None
 ) -> TaskGradients:
-    """Per-task encoder gradients (stacked) and summed head gradients from one forward."""
-    head_grads, feature_grads = forward.heads_vjp(jnp.ones_like(forward.losses))
+    """Per-task encoder gradients (stacked) and the heads' own gradients from one forward."""
+    head_grads, feature_grads = forward.heads.backward(
+        jnp.ones_like(forward.losses), stack_shared=True
+    )
     encoder_grads = map_over_tasks(forward.encoder_vjp, feature_grads, strategy, chunk_size)
-    return TaskGradients(forward.join(encoder_grads, head_grads), stacked=forward.encoder_mask)
+    return TaskGradients(
+        forward.join(encoder_grads, head_grads), roles=forward.roles, names=forward.names
+    )
 
 
 def split_value_and_jacobian(
-    encode: Callable,
-    heads: Callable,
+    encoder: Callable,
+    heads: Any,
     *,
-    num_tasks: int,
     strategy: str = "auto",
     chunk_size: int | None = None,
 ) -> Callable[[Any, Any], tuple[jax.Array, TaskGradients]]:
-    """Build ``f(params, batch) -> (losses, task_grads)`` for a shared-encoder model (tier 3).
+    """Build ``f(params, batch) -> (losses, task_grads)`` for a split model (tier 3).
 
     Args:
-      encode: ``encode(params, batch) -> z``.
-      heads: ``heads(params, features, batch) -> (K,)``; ``features`` is ``z`` with a
-        leading task axis and task i must read only ``features[i]`` (module docstring).
-      num_tasks: K.
+      encoder: ``encoder(params, batch) -> z``.
+      heads: a sequence or dict of ``head_i(params, z, batch) -> scalar``, or
+        :func:`mtl_optax.stacked_heads` (module docstring). K is the number of heads.
       strategy, chunk_size: how the K encoder backward passes run (as in
-        :func:`mtl_optax.value_and_jacobian`; ``"auto"``: one after another on CPU,
-        batched on accelerators).
+        :func:`mtl_optax.value_and_jacobian`; ``"auto"``: one after another on CPU, batched
+        on accelerators).
 
-    Returns ``task_grads``: a :class:`mtl_optax.TaskGradients` shaped like ``params`` whose
-    encoder leaves are ``(K, *shape)`` and whose head leaves are the summed-loss gradient;
-    feed it to ``aggregate(weighting, num_tasks=K)`` with no ``shared`` mask.
+    Returns ``losses`` (K,) in the heads' order and ``task_grads``, a
+    :class:`mtl_optax.TaskGradients` for ``aggregate(method, tasks=K)`` (no ``shared``
+    mask): the encoder leaves stacked ``(K, *shape)``, each head leaf with its task.
 
     Example::
 
-        jac = mtl.split_value_and_jacobian(encode, heads, num_tasks=K)
-        opt = optax.chain(mtl.aggregate(mtl.mgda(), num_tasks=K), optax.adam(1e-3))
+        jac = mtl.split_value_and_jacobian(encoder, {"left": head_left, "right": head_right})
+        opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=["left", "right"]), optax.adam(1e-3))
         losses, task_grads = jac(params, batch)
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
     """
-    check_num_tasks(num_tasks)
+    pure = plain_split(encoder, heads)
     check_strategy(strategy, chunk_size)
-    enc, hds = _plain_encode(encode), _plain_heads(heads)
 
     def fn(params, batch):
-        forward = split_forward(enc, hds, params, batch, num_tasks)
+        forward = split_forward(pure, params, batch)
         return forward.losses, split_jacobian(forward, strategy, chunk_size)
-
-    return fn
-
-
-def parameter_gram(
-    forward: SplitForward,
-    feature_grads: Any,
-    *,
-    diagonal_only: bool,
-    chunk_size: int | None,
-    exponent: jax.Array | int = 0,
-) -> jax.Array:
-    """Gram of the per-task encoder gradients without holding them (no K × params Jacobian).
-
-    Column j: ``g_j = J_encᵀ ∂L_j/∂z`` (one encoder backward pass), then
-    ``G_ij = ⟨∂L_i/∂z, J_enc g_j⟩`` (one forward-mode pass through the encoder), which
-    equals ``⟨g_i, g_j⟩``. ``diagonal_only`` stops after the backward pass (``‖g_j‖²``).
-    ``chunk_size`` columns are computed at a time (``None``: one). With ``exponent`` e the
-    result is ``4^-e G``: each cotangent and each tangent is scaled by ``2^-e`` (exact),
-    so the Gram of huge or tiny gradients neither overflows nor underflows, and no scaled
-    copy of the K feature gradients is made. Memory: the K feature gradients (K × the
-    features) plus ``chunk_size`` gradients.
-    """
-    leaves = jax.tree_util.tree_leaves(feature_grads)
-    k = leaves[0].shape[0]
-    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-
-    def column(cotangent):
-        grads = forward.encoder_vjp(
-            jax.tree_util.tree_map(lambda a: jnp.ldexp(a, -exponent), cotangent)
-        )
-        if diagonal_only:
-            return sum(jnp.sum(jnp.square(g.astype(dtype))) for g in grads)
-        tangent = jax.tree_util.tree_leaves(forward.encoder_jvp(grads))
-        return sum(
-            jnp.matmul(
-                f.reshape(k, -1),
-                jnp.ldexp(t.reshape(-1), -exponent).astype(f.dtype),
-                precision=HIGHEST,
-                preferred_element_type=dtype,
-            )
-            for f, t in zip(leaves, tangent)
-        )
-
-    columns = jax.lax.map(column, feature_grads, batch_size=chunk_size)
-    if diagonal_only:
-        return jnp.diag(columns)
-    return 0.5 * (columns + columns.T)  # exact in exact arithmetic; removes rounding asymmetry
-
-
-def split_value_and_grad(
-    encode: Callable,
-    heads: Callable,
-    weighting: Weighting,
-    *,
-    num_tasks: int,
-    gram: str = "features",
-    chunk_size: int | None = None,
-) -> Callable[..., WeightedGrads]:
-    """Build ``f(params, batch, weighting_state, **extra) -> WeightedGrads`` (one backward).
-
-    The weights come from the losses (a weighting with ``needs_gram=False``: tier 1), or
-    from a Gram matrix chosen by ``gram``:
-
-    * ``"features"`` (default, tier 2): ``G_ij = ⟨∂L_i/∂z, ∂L_j/∂z⟩``, all feature
-      gradients from one backward pass through the heads: about one training step at any K.
-      It approximates the parameter Gram (exact when the encoder Jacobian is orthogonal).
-    * ``"parameters"`` (tier 3 with bounded memory): the exact Gram of the per-task encoder
-      gradients, by :func:`parameter_gram` (K encoder backward + K forward-mode passes,
-      ``chunk_size`` at a time), never holding more than ``chunk_size`` gradients: the same
-      weights and update as :func:`split_value_and_jacobian` + :func:`mtl_optax.aggregate`
-      for every weighting, in O(parameters) memory at any K.
-
-    Then one backward pass: the encoder gets ``∇(Σ_i w_i L_i)`` (weights
-    ``stop_gradient``-ed). The heads get the same with a losses-only weighting (tier 1: the
-    gradient of the weighted loss); with a Gram weighting, which only sets the direction of
-    the shared parameters, each head follows its own task's gradient (the summed-loss
-    gradient), as in :func:`mtl_optax.aggregate` and MGDA-UB. Homogeneous
-    weightings see the Gram of the feature gradients rescaled by a power of two (exact), so
-    loss scales far outside float32's square range do not overflow the Gram.
-
-    Args:
-      encode, heads: the split (module docstring).
-      weighting: any :class:`mtl_optax.Weighting`.
-      num_tasks: K.
-      gram: ``"features"`` or ``"parameters"`` (ignored by weightings without a Gram).
-      chunk_size: Gram columns per batch for ``gram="parameters"`` (``None``: one by one).
-
-    ``extra`` keyword arguments go to the weighting (unknown ones are ignored).
-
-    Example::
-
-        step = mtl.split_value_and_grad(encode, heads, mtl.mgda(), num_tasks=K)
-        out = step(params, batch, weighting_state)
-        updates, opt_state = adam.update(out.grads, opt_state, params)
-    """
-    check_num_tasks(num_tasks)
-    check_weighting(weighting)
-    check_gram_mode(gram, chunk_size)
-    enc, hds = _plain_encode(encode), _plain_heads(heads)
-
-    def fn(params, batch, weighting_state, **extra) -> WeightedGrads:
-        check_weighting_state(weighting_state, weighting, num_tasks)
-        forward = split_forward(enc, hds, params, batch, num_tasks)
-        weights, weighting_state, backward = split_weights(
-            forward, weighting, weighting_state, gram, chunk_size, **extra
-        )
-        grads = weighted_grads(forward, weights, backward)
-        return WeightedGrads(forward.losses, grads, weighting_state, weights)
 
     return fn
 
@@ -328,87 +286,121 @@ def check_gram_mode(gram: Any, chunk_size: Any) -> None:
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
 
 
-def split_weights(forward, weighting, weighting_state, gram, chunk_size, **extra):
-    """``(weights, state, feature_grads)`` of ``weighting`` for one forward pass of the split.
+def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_size, **extra):
+    """``(grads, weights, weighting_state)`` of one tier-1/2 step on a split forward pass.
 
-    ``feature_grads`` (pair ``(head_grads, ∂L_i/∂z stacked)`` from one backward pass of the
-    summed loss through the heads) for a Gram weighting, ``None`` for a losses-only one.
+    A Gram weighting first runs the heads backward with cotangent 1 (the feature gradients
+    ``∂L_i/∂z``, and the heads' own gradients); the encoder then gets ``Σ_i w_i ∂L_i/∂z``
+    through one encoder backward pass. A scalarization runs the heads backward with the
+    weights themselves (head ``i`` gets ``w_i ∇L_i``, the features ``w_i ∂L_i/∂z``).
     """
     losses = forward.losses
-    if not weighting.needs_gram:
-        return (*weighting.update(None, losses, weighting_state, **extra), None)
-    backward = forward.heads_vjp(jnp.ones_like(losses))
-    feature_grads = backward[1]
-    if gram == "features":
-        weights, state = weights_from_gradients(
-            weighting, feature_grads, losses, weighting_state, **extra
-        )
-        return weights, state, backward
-    # J is linear: scaling the feature cotangents by 2^-e scales every g_i by 2^-e exactly.
-    exponent = 0 if weighting.homogeneity is None else power_of_two_exponent(feature_grads)
-    g = parameter_gram(
-        forward,
-        feature_grads,
-        diagonal_only=weighting.needs_gram == "diagonal",
-        chunk_size=chunk_size,
-        exponent=exponent,
-    )
-    weights, state = apply_weighting(
-        weighting, g, losses, weighting_state, log2_scale=2 * exponent, **extra
-    )
-    return weights, state, backward
-
-
-def weighted_grads(forward: SplitForward, weights: jax.Array, backward=None) -> Any:
-    """One update from the weights.
-
-    Without ``backward`` (losses-only weighting): ``∇(Σ_i w_i L_i)``, one backward pass
-    through the heads and one through the encoder. With ``backward = (head_grads,
-    feature_grads)`` from :func:`split_weights` (Gram weighting): the encoder gets
-    ``∇_enc(Σ_i w_i L_i)`` from the cotangent ``Σ_i w_i ∂L_i/∂z`` (one encoder backward
-    pass, no second pass through the heads) and each head its own task gradient.
-    """
-    if backward is None:
-        heads, feature_cotangents = forward.heads_vjp(weights.astype(forward.losses.dtype))
+    ones = jnp.ones_like(losses)
+    unit = None  # (head grads, feature grads) of the cotangent 1
+    if weighting.needs_gram:
+        unit = forward.heads.backward(ones)
+        feature_grads = unit[1]
+        if gram == "features":
+            weights, state = weights_from_gradients(
+                weighting, feature_grads, losses, weighting_state, **extra
+            )
+        else:
+            # J is linear: scaling the feature cotangents by 2^-e scales every g_i by 2^-e.
+            exponent = (
+                0 if weighting.homogeneity is None else power_of_two_exponent(feature_grads)
+            )
+            g = linear_gram(
+                forward.encoder_vjp,
+                forward.encoder_jvp,
+                feature_grads,
+                diagonal_only=weighting.needs_gram == "diagonal",
+                chunk_size=chunk_size,
+                exponent=exponent,
+            )
+            weights, state = apply_weighting(
+                weighting, g, losses, weighting_state, log2_scale=2 * exponent, **extra
+            )
+    else:
+        weights, state = weighting.update(None, losses, weighting_state, **extra)
+    if scales_heads(weighting):
+        head_grads, feature_cotangents = forward.heads.backward(weights)
         z_cotangent = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), feature_cotangents)
     else:
-        heads, feature_grads = backward
+        head_grads, feature_grads = unit if unit is not None else forward.heads.backward(ones)
         z_cotangent = jax.tree_util.tree_map(
             lambda a: jnp.tensordot(weights.astype(a.dtype), a, axes=1, precision=HIGHEST),
             feature_grads,
         )
-    return forward.join(forward.encoder_vjp(z_cotangent), heads)
+    grads = forward.join(forward.encoder_vjp(z_cotangent), head_grads)
+    return grads, weights, state
 
 
-def check_weighting(weighting: Any, name: str = "weighting") -> None:
-    """``weighting`` must be a :class:`mtl_optax.Weighting` (not an optax transform)."""
-    if isinstance(weighting, Weighting):
-        return
-    hint = ""
-    if hasattr(weighting, "init") and hasattr(weighting, "update"):
-        hint = (
-            " It looks like an optax GradientTransformation: optimizers go AFTER the "
-            "aggregation, e.g. optax.chain(mtl.aggregate(mtl.mgda(), num_tasks=K), "
-            "optax.adam(1e-3))."
+def split_value_and_grad(
+    encoder: Callable,
+    heads: Any,
+    method,
+    *,
+    gram: str = "features",
+    chunk_size: int | None = None,
+) -> WeightedGradFunction:
+    """Tiers 1 and 2 (and bounded-memory tier 3) for a split model.
+
+    Returns ``grad_fn`` with ``grad_fn.init(params) -> state`` and
+    ``grad_fn(params, batch, state, **extra) -> (losses, grads, state)``; ``grads`` is shaped
+    like ``params`` and feeds any optax optimizer, ``mtl.task_weights(state)`` gives the
+    weights used.
+
+    The weights come from the losses (a weighting with ``needs_gram=False``: tier 1), or
+    from a Gram matrix chosen by ``gram``:
+
+    * ``"features"`` (default, tier 2): ``G_ij = ⟨∂L_i/∂z, ∂L_j/∂z⟩``, all feature
+      gradients from one backward pass through the heads: about one training step at any K.
+      It approximates the parameter Gram (exact when the encoder Jacobian is orthogonal) and
+      only makes sense when the tasks share input samples (with disjoint samples the feature
+      gradients are orthogonal).
+    * ``"parameters"`` (tier 3 with bounded memory): the exact Gram of the per-task encoder
+      gradients, by :func:`mtl_optax.gram.linear_gram` (K encoder backward + K forward-mode
+      passes, ``chunk_size`` at a time), never holding more than ``chunk_size`` gradients: the
+      same weights and update as :func:`split_value_and_jacobian` + :func:`mtl_optax.aggregate`
+      for every weighting, in O(parameters) memory at any K.
+
+    Then the encoder gets ``∇(Σ_i w_i L_i)`` (weights ``stop_gradient``-ed) and the heads
+    follow the head rule (``w_i ∇L_i`` for a scalarization, ``∇L_i`` for a Gram weighting).
+    Homogeneous weightings see the Gram rescaled by a power of two (exact), so loss scales
+    far outside float32's square range do not overflow it.
+
+    Args:
+      encoder, heads: the split (module docstring).
+      method: any :class:`mtl_optax.Weighting` (stacked aggregators need tier 3).
+      gram: ``"features"`` or ``"parameters"`` (ignored by weightings without a Gram).
+      chunk_size: Gram columns per batch for ``gram="parameters"`` (``None``: one by one).
+
+    Example::
+
+        grad_fn = mtl.split_value_and_grad(encoder, [head_a, head_b], mtl.mgda())
+        state = grad_fn.init(params)
+        losses, grads, state = grad_fn(params, batch, state)
+        updates, opt_state = optax.adam(1e-3).update(grads, opt_state, params)
+    """
+    pure = plain_split(encoder, heads)
+    return weighted_split(pure, method, gram, chunk_size, "split_value_and_grad")
+
+
+def weighted_split(pure: PureSplit, method, gram, chunk_size, entry: str) -> WeightedGradFunction:
+    """The :class:`WeightedGradFunction` of a :class:`PureSplit` (plain and flax)."""
+    weighting = check_weighting_method(method, entry, "split_value_and_jacobian")
+    check_gram_mode(gram, chunk_size)
+
+    def init(params):
+        if pure.spec.fns is not None:
+            return len(pure.spec.fns), pure.spec.names
+        return stacked_num_tasks(jax.tree_util.tree_leaves(pure.select(params))), None
+
+    def step(params, batch, weighting_state, **extra):
+        forward = split_forward(pure, params, batch)
+        grads, weights, state = split_step(
+            forward, weighting, weighting_state, gram, chunk_size, **extra
         )
-    raise TypeError(
-        f"`{name}` must be an mtl_optax Weighting such as mtl.mgda() or mtl.mean_weighting(), "
-        f"got {type(weighting).__name__}.{hint}"
-    )
+        return forward.losses, grads, weights, state, forward.names
 
-
-def check_weighting_state(state: Any, weighting: Weighting, num_tasks: int) -> None:
-    """A ``None`` (or missing) weighting state gets an error saying how to make one."""
-    if state is None:
-        raise ValueError(
-            "`weighting_state` is None: create it once with "
-            f"`weighting.init({num_tasks})` and pass the returned state of each step to "
-            "the next."
-        )
-    expected = jax.tree_util.tree_structure(weighting.init(num_tasks))
-    if jax.tree_util.tree_structure(state) != expected:
-        raise ValueError(
-            f"`weighting_state` has structure {jax.tree_util.tree_structure(state)}, but this "
-            f"weighting's state is {expected} (from weighting.init({num_tasks})); pass the "
-            "state returned by the previous step (restore checkpoints with a target)."
-        )
+    return WeightedGradFunction(weighting, init, step, entry)

@@ -1,13 +1,12 @@
-"""Direct aggregators on stacked per-task gradients (tier 3 only).
+"""Methods that read the stacked per-task gradients themselves (tier 3 only).
 
 These methods look at the gradients coordinate by coordinate or keep per-task gradient
-state, so they are not functions of the Gram matrix and cannot be ``Weighting`` s. Each is an
-``optax.GradientTransformationExtraArgs`` used exactly like :func:`mtl_optax.aggregate`:
-first in ``optax.chain``, on the stacked gradients of :func:`mtl_optax.value_and_jacobian`
-(``TaskGradients`` or a plain pytree with a leading task axis), with the same ``shared``
-mask; the task-axis checks and the mask are ``aggregate``'s own helpers, so both transforms
-treat the leaves alike. Shared leaves are combined by the method; task-specific leaves are
-summed over the task axis (DB-MTL sums the gradients of its log-losses there).
+state, so they are not functions of the Gram matrix and cannot be ``Weighting`` s. They are
+used exactly like every other method, through :func:`mtl_optax.aggregate`
+(``mtl.aggregate(mtl.trimmed_mean(trim=1), tasks=K)``), on the gradients of
+:func:`mtl_optax.value_and_jacobian` (with a ``shared`` mask) or of
+:func:`mtl_optax.split_value_and_jacobian`. They combine the shared leaves; the heads follow
+``aggregate``'s head rule with the scale each method states (1: head ``i`` gets ``∇L_i``).
 
 * :func:`trimmed_mean` (Yin et al., 2018): coordinate-wise mean after dropping the ``trim``
   largest and ``trim`` smallest values.
@@ -17,6 +16,16 @@ summed over the task axis (DB-MTL sums the gradients of its log-losses there).
 * :func:`excess_mtl` (He et al., 2024, "Robust Multi-Task Learning with Excess Risks"):
   exponentiated-gradient weights from AdaGrad-style excess-risk estimates, which need the
   per-coordinate squared gradients (state shaped like the shared parameters, times K).
+
+A ``StackedAggregator`` is a pair of pure functions:
+
+* ``init(num_tasks, shapes) -> state``: ``shapes`` has one entry per parameter leaf, a
+  ``jax.ShapeDtypeStruct`` when the leaf may be shared, ``None`` when it is known not to be;
+* ``update(leaves, losses, state, **extra) -> (combined, weights, head_scale, state)``:
+  ``leaves`` has one entry per parameter leaf, the stacked ``(K, *shape)`` gradients of a
+  shared leaf or ``None``; ``combined`` the combined shared leaves (``None`` elsewhere);
+  ``weights`` (K,) for logging (ignored unless ``has_weights``); ``head_scale`` the (K,)
+  factors ``c`` of the head rule.
 
 Property summary (tested in ``tests/test_aggregator_properties.py``): none is
 non-conflicting; trimmed mean is linear under gradient scaling and deterministic; GradDrop
@@ -32,88 +41,86 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from mtl_optax.aggregate import resolve_mask, task_leaves
 from mtl_optax.weighting.base import check_num_tasks
 from mtl_optax.weighting.hyper import check_int, check_key, check_real
 
 
-def _accumulation_dtype(leaf):
+class StackedAggregator(NamedTuple):
+    """A method on stacked per-task gradients (see the module docstring)."""
+
+    init: Callable[..., Any]
+    update: Callable[..., tuple]
+    needs_losses: bool = False
+    has_weights: bool = False
+
+
+def accumulation_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
 
 
-def _combine_leaves(leaves, treedef, mask, stacked, combine_shared: Callable, combine_other=None):
-    """Apply ``combine_shared(index, leaf)`` to shared leaves, sum the other stacked leaves
-    over tasks (or ``combine_other``); head leaves of the split arrive summed and pass as is."""
-    out = []
-    for index, (use, is_stacked, leaf) in enumerate(zip(mask, stacked, leaves)):
-        if use:
-            combined = combine_shared(index, leaf.astype(_accumulation_dtype(leaf)))
-        elif not is_stacked:
-            combined = leaf
-        elif combine_other is not None:
-            combined = combine_other(index, leaf.astype(_accumulation_dtype(leaf)))
-        else:
-            combined = jnp.sum(leaf.astype(_accumulation_dtype(leaf)), axis=0)
-        out.append(combined.astype(leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+def _ones(k):
+    return jnp.ones(k, jnp.float32)
 
 
-def trimmed_mean(
-    *, num_tasks: int, trim: int, shared: Any | Callable | None = None
-) -> optax.GradientTransformationExtraArgs:
+def _per_leaf_zeros(k, shapes):
+    """``(K, *shape)`` zeros (float32 or wider) per candidate shared leaf, ``(0,)`` elsewhere."""
+    return tuple(
+        jnp.zeros((k, *s.shape), accumulation_dtype(s))
+        if s is not None
+        else jnp.zeros((0,), jnp.float32)
+        for s in shapes
+    )
+
+
+class TrimmedMeanState(NamedTuple):
+    """Trimmed mean keeps no state."""
+
+
+def trimmed_mean(*, trim: int) -> StackedAggregator:
     """Coordinate-wise trimmed mean over the tasks.
 
     Args:
-      num_tasks: K.
       trim: values dropped at each end of every coordinate (``2 · trim`` in all); needs
-        ``K ≥ 2 · trim + 1``.
-      shared: which leaves are shared (as in :func:`mtl_optax.aggregate`).
+        ``K ≥ 2 · trim + 1`` (checked when the state is made).
 
-    Stateless, deterministic, linear under gradient scaling, permutation invariant.
-    Checked in ``tests/test_stacked.py`` against ``scipy.stats.trim_mean`` and the torchjd
-    fixtures.
+    Stateless, deterministic, linear under gradient scaling, permutation invariant; no task
+    weights (``task_weights`` reports NaN); heads get ``∇L_i``. Checked in
+    ``tests/test_stacked.py`` against ``scipy.stats.trim_mean`` and the torchjd fixtures.
 
     Example::
 
-        opt = optax.chain(mtl.trimmed_mean(num_tasks=5, trim=1), optax.adam(1e-3))
+        opt = optax.chain(mtl.aggregate(mtl.trimmed_mean(trim=1), tasks=5), optax.adam(1e-3))
     """
-    k = check_num_tasks(num_tasks)
     trim = check_int("trim", trim, low=0)
-    if k < 2 * trim + 1:
-        raise ValueError(
-            f"trimmed_mean drops 2 * trim = {2 * trim} of num_tasks={k} values per coordinate; "
-            f"it needs num_tasks >= 2 * trim + 1 = {2 * trim + 1}. Lower `trim`."
-        )
 
-    def init(params):
-        del params
-        return optax.EmptyState()
+    def init(num_tasks, shapes):
+        del shapes
+        k = check_num_tasks(num_tasks)
+        if k < 2 * trim + 1:
+            raise ValueError(
+                f"trimmed_mean drops 2 * trim = {2 * trim} of {k} values per coordinate; it "
+                f"needs at least 2 * trim + 1 = {2 * trim + 1} tasks. Lower `trim`."
+            )
+        return TrimmedMeanState()
 
-    def update(task_grads, state, params=None, **extra):
-        del extra
-        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
+    def update(leaves, losses, state, **extra):
+        del losses, extra
+        k = next(x.shape[0] for x in leaves if x is not None)
+        combined = [
+            None if x is None else jnp.mean(jnp.sort(x, axis=0)[trim : k - trim], axis=0)
+            for x in leaves
+        ]
+        return combined, _ones(k), _ones(k), state
 
-        def combine(_, leaf):
-            return jnp.mean(jnp.sort(leaf, axis=0)[trim : k - trim], axis=0)
-
-        return _combine_leaves(leaves, treedef, mask, stacked, combine), state
-
-    return optax.GradientTransformationExtraArgs(init, update)
+    return StackedAggregator(init, update)
 
 
 class GradDropState(NamedTuple):
     key: jax.Array  # the PRNG key of the next step
 
 
-def graddrop(
-    *,
-    num_tasks: int,
-    key: jax.Array,
-    leak: float | Any = 0.0,
-    shared: Any | Callable | None = None,
-) -> optax.GradientTransformationExtraArgs:
+def graddrop(*, key: jax.Array, leak: float | Any = 0.0) -> StackedAggregator:
     """GradDrop: keep, per coordinate, only the gradients of one randomly chosen sign.
 
     Per coordinate, ``P = ½(1 + Σ_i g_i / Σ_i |g_i|)`` (the positive-sign purity) and
@@ -123,34 +130,37 @@ def graddrop(
     gradient is 0 give 0).
 
     Args:
-      num_tasks: K.
       key: JAX PRNG key, kept in the state and split at every step.
       leak: scalar or (K,) leak in [0, 1] (default 0: no leak; 1 gives the sum).
-      shared: which leaves are shared (as in :func:`mtl_optax.aggregate`).
 
-    Checked in ``tests/test_stacked.py`` against a NumPy transcription fed the same uniform
-    draws, and leak = 1 → the sum.
+    No task weights (``task_weights`` reports NaN); heads get ``∇L_i``. Checked in
+    ``tests/test_stacked.py`` against a NumPy transcription fed the same uniform draws, and
+    leak = 1 → the sum.
 
     Example::
 
-        opt = optax.chain(mtl.graddrop(num_tasks=3, key=jax.random.PRNGKey(0)), optax.sgd(0.1))
+        method = mtl.graddrop(key=jax.random.PRNGKey(0))
+        opt = optax.chain(mtl.aggregate(method, tasks=3), optax.sgd(0.1))
     """
-    k = check_num_tasks(num_tasks)
     key = check_key(key)
-    leak_array = np.asarray(leak, dtype=np.float64)
-    if leak_array.shape not in ((), (k,)) or isinstance(leak, bool):
-        raise ValueError(f"`leak` must be a scalar or shape ({k},), got {leak!r}.")
-    if not np.all((leak_array >= 0) & (leak_array <= 1)):  # also rejects NaN
-        raise ValueError(f"`leak` values must lie in [0, 1], got {leak!r}.")
-    leak_values = jnp.asarray(np.broadcast_to(leak_array, (k,)), jnp.float32)
+    leak_array = np.asarray(leak, dtype=object if isinstance(leak, str) else None)
+    if isinstance(leak, (bool, str)) or not np.issubdtype(leak_array.dtype, np.number):
+        raise TypeError(f"`leak` must be a real scalar or a (K,) array in [0, 1], got {leak!r}.")
+    leak_array = leak_array.astype(np.float64)
+    if leak_array.ndim > 1 or not np.all((leak_array >= 0) & (leak_array <= 1)):  # rejects NaN
+        raise ValueError(f"`leak` must be a scalar or a (K,) array in [0, 1], got {leak!r}.")
 
-    def init(params):
-        del params
+    def init(num_tasks, shapes):
+        del shapes
+        k = check_num_tasks(num_tasks)
+        if leak_array.shape not in ((), (k,)):
+            raise ValueError(f"`leak` must be a scalar or shape ({k},), got shape {leak_array.shape}.")
         return GradDropState(key=key)
 
-    def update(task_grads, state, params=None, **extra):
-        del extra
-        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
+    def update(leaves, losses, state, **extra):
+        del losses, extra
+        k = next(x.shape[0] for x in leaves if x is not None)
+        leak_values = jnp.asarray(np.broadcast_to(leak_array, (k,)), jnp.float32)
         next_key, sub = jax.random.split(state.key)
         keys = jax.random.split(sub, len(leaves))
 
@@ -162,9 +172,10 @@ def graddrop(
             lk = leak_values.astype(leaf.dtype).reshape((k,) + (1,) * (leaf.ndim - 1))
             return jnp.sum((lk + (1.0 - lk) * keep) * leaf, axis=0)
 
-        return _combine_leaves(leaves, treedef, mask, stacked, combine), GradDropState(next_key)
+        combined = [None if x is None else combine(i, x) for i, x in enumerate(leaves)]
+        return combined, _ones(k), _ones(k), GradDropState(next_key)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return StackedAggregator(init, update)
 
 
 class DBMTLState(NamedTuple):
@@ -172,100 +183,74 @@ class DBMTLState(NamedTuple):
     buffers: tuple  # per leaf: (K, *shape) gradient EMA for shared leaves, (0,) otherwise
 
 
-def _check_losses(task_losses, k, name):
-    if task_losses is None:
-        raise ValueError(f"{name} needs the task losses: pass `task_losses=` to update.")
-    if jnp.shape(task_losses) != (k,):
+def check_losses(losses, name):
+    if losses is None:
         raise ValueError(
-            f"`task_losses` must have shape ({k},) (one per task), got {jnp.shape(task_losses)}."
+            f"{name} needs the task losses: pass `task_losses=losses` to the optimizer's update."
         )
 
 
 def db_mtl(
-    *,
-    num_tasks: int,
-    beta: float = 0.9,
-    beta_sigma: float = 0.5,
-    eps: float = 1e-8,
-    shared: Any | Callable | None = None,
-) -> optax.GradientTransformationExtraArgs:
+    *, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8
+) -> StackedAggregator:
     """DB-MTL: balance log-loss gradients by their EMA norms (needs ``task_losses=``).
 
     Step t: task gradients of ``log(L_i + eps)``, ``h_i = g_i/(L_i + eps)``; per-task EMA
     ``b_i ← h_i + (β/t^σ)(b_i − h_i)`` (state, init 0); shared update
     ``Σ_i (max_j‖b_j‖/‖b_i‖) b_i`` (norms over all shared leaves; a zero EMA gets weight 0).
-    Task-specific leaves get ``Σ_i h_i`` (the gradient of ``Σ log(L_i + eps)``).
+    Heads get ``h_i`` (``c_i = 1/(L_i + eps)``: the gradient of ``Σ log(L_i + eps)``, as
+    LibMTL's per-task backward passes of the log-losses give them).
 
     Args:
-      num_tasks: K.
       beta, beta_sigma: EMA rate ``β/t^σ`` (0.9 and 0.5, LibMTL's defaults).
       eps: added to the losses before the log (LibMTL's 1e-8).
-      shared: which leaves are shared (as in :func:`mtl_optax.aggregate`); resolved from
-        ``params`` in ``init`` to size the EMA state.
 
-    Checked in ``tests/test_stacked.py`` against a NumPy transcription over several steps.
+    No weights of the current gradients (``task_weights`` reports NaN). Checked in
+    ``tests/test_stacked.py`` against a NumPy transcription over several steps.
 
     Example::
 
-        opt = optax.chain(mtl.db_mtl(num_tasks=K), optax.adam(1e-3))
+        opt = optax.chain(mtl.aggregate(mtl.db_mtl(), tasks=K), optax.adam(1e-3))
         updates, s = opt.update(task_grads, s, params, task_losses=losses)
     """
-    k = check_num_tasks(num_tasks)
     beta = check_real("beta", beta, low=0.0, high=1.0)
     beta_sigma = check_real("beta_sigma", beta_sigma, low=0.0)
     eps = check_real("eps", eps, low=0.0)
 
-    def init(params):
-        mask = resolve_mask(shared, params)
-        leaves = jax.tree_util.tree_leaves(params)
-        buffers = tuple(
-            jnp.zeros((k, *jnp.shape(p)), _accumulation_dtype(jnp.asarray(p)))
-            if use
-            else jnp.zeros((0,), jnp.float32)
-            for use, p in zip(mask, leaves)
-        )
-        return DBMTLState(count=jnp.zeros((), jnp.int32), buffers=buffers)
+    def init(num_tasks, shapes):
+        k = check_num_tasks(num_tasks)
+        return DBMTLState(count=jnp.zeros((), jnp.int32), buffers=_per_leaf_zeros(k, shapes))
 
-    def update(task_grads, state, params=None, *, task_losses=None, **extra):
+    def update(leaves, losses, state, **extra):
         del extra
-        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
-        _check_losses(task_losses, k, "db_mtl")
-        if not all(stacked):
-            raise ValueError(
-                "db_mtl rescales each task's gradient by 1/(L_i + eps), the heads' too, so it "
-                "needs them per task: compute the gradients with value_and_jacobian and pass "
-                "shared= (the encoder/heads split delivers the head gradients already summed)."
-            )
+        check_losses(losses, "db_mtl")
+        k = losses.shape[0]
         count = state.count + 1
         rate = beta / count.astype(jnp.float32) ** beta_sigma
-        scale = 1.0 / (jnp.asarray(task_losses, jnp.float32) + eps)
-
-        def log_gradient(leaf):
-            return leaf * scale.astype(leaf.dtype).reshape((k,) + (1,) * (leaf.ndim - 1))
-
+        scale = 1.0 / (jnp.asarray(losses, jnp.float32) + eps)
         buffers = []
-        for use, leaf, old in zip(mask, leaves, state.buffers):
-            if use:
-                h = log_gradient(leaf.astype(_accumulation_dtype(leaf)))
-                buffers.append(h + rate.astype(h.dtype) * (old.astype(h.dtype) - h))
-            else:
+        for leaf, old in zip(leaves, state.buffers):
+            if leaf is None:
                 buffers.append(old)
-        squares = [jnp.sum(b.reshape(k, -1) ** 2, axis=1) for use, b in zip(mask, buffers) if use]
-        norms = jnp.sqrt(sum(squares)) if squares else jnp.zeros(k)
+                continue
+            leaf = leaf.astype(accumulation_dtype(leaf))
+            h = leaf * scale.astype(leaf.dtype).reshape((k,) + (1,) * (leaf.ndim - 1))
+            buffers.append(h + rate.astype(h.dtype) * (old.astype(h.dtype) - h))
+        squares = [
+            jnp.sum(b.reshape(k, -1) ** 2, axis=1)
+            for leaf, b in zip(leaves, buffers)
+            if leaf is not None
+        ]
+        norms = jnp.sqrt(sum(squares))
         top = jnp.max(norms)
         alpha = jnp.where(norms > 0, top / jnp.where(norms > 0, norms, 1.0), 0.0)
+        combined = [
+            None if leaf is None else jnp.tensordot(alpha.astype(b.dtype), b, axes=1)
+            for leaf, b in zip(leaves, buffers)
+        ]
+        return combined, alpha, scale, DBMTLState(count=count, buffers=tuple(buffers))
 
-        def combine(index, _):
-            b = buffers[index]
-            return jnp.tensordot(alpha.astype(b.dtype), b, axes=1)
-
-        def combine_other(_, leaf):
-            return jnp.sum(log_gradient(leaf), axis=0)
-
-        out = _combine_leaves(leaves, treedef, mask, stacked, combine, combine_other)
-        return out, DBMTLState(count=count, buffers=tuple(buffers))
-
-    return optax.GradientTransformationExtraArgs(init, update)
+    return StackedAggregator(init, update, needs_losses=True)
 
 
 class ExcessMTLState(NamedTuple):
@@ -277,12 +262,8 @@ class ExcessMTLState(NamedTuple):
 
 
 def excess_mtl(
-    *,
-    num_tasks: int,
-    robust_step_size: float = 1.0,
-    n_warmup_steps: int = 0,
-    shared: Any | Callable | None = None,
-) -> optax.GradientTransformationExtraArgs:
+    *, robust_step_size: float = 1.0, n_warmup_steps: int = 0
+) -> StackedAggregator:
     """ExcessMTL: weights by exponentiated gradient on estimated excess risks.
 
     Per call: ``S_i += g_i²`` (coordinate-wise, state); excess risk
@@ -292,13 +273,11 @@ def excess_mtl(
     used unscaled that once); afterwards ``e ← e/(baseline + 1e-7)``;
     ``w ← softmax(log w + robust_step_size · e)``; update ``Σ w_i g_i``. As in torchjd
     (weights start at ``1/K``, on the simplex, where the official code and LibMTL start at 1).
+    Heads get ``∇L_i``; ``task_weights`` reports ``w``.
 
     Args:
-      num_tasks: K.
       robust_step_size: exponentiated-gradient step (> 0; 1.0 as torchjd).
       n_warmup_steps: calls with uniform weights that only collect statistics (≥ 0).
-      shared: which leaves are shared (as in :func:`mtl_optax.aggregate`); resolved from
-        ``params`` in ``init`` to size the ``S`` state.
 
     The absolute ``1e-7`` constants make it not linear under gradient scaling. Checked in
     ``tests/test_stacked.py`` against a NumPy transcription over several calls (with and
@@ -306,41 +285,34 @@ def excess_mtl(
 
     Example::
 
-        opt = optax.chain(mtl.excess_mtl(num_tasks=K), optax.adam(1e-3))
+        opt = optax.chain(mtl.aggregate(mtl.excess_mtl(), tasks=K), optax.adam(1e-3))
     """
-    k = check_num_tasks(num_tasks)
     step_size = check_real("robust_step_size", robust_step_size, low=0.0, low_open=True)
     warmup = check_int("n_warmup_steps", n_warmup_steps, low=0)
 
-    def init(params):
-        mask = resolve_mask(shared, params)
-        squares = tuple(
-            jnp.zeros((k, *jnp.shape(p)), _accumulation_dtype(jnp.asarray(p)))
-            if use
-            else jnp.zeros((0,), jnp.float32)
-            for use, p in zip(mask, jax.tree_util.tree_leaves(params))
-        )
+    def init(num_tasks, shapes):
+        k = check_num_tasks(num_tasks)
         zeros = jnp.zeros(k, jnp.float32)
         return ExcessMTLState(
             count=jnp.zeros((), jnp.int32),
             weights=jnp.full((k,), 1.0 / k, jnp.float32),
             baseline=zeros,
             warmup_sum=zeros,
-            squares=squares,
+            squares=_per_leaf_zeros(k, shapes),
         )
 
-    def update(task_grads, state, params=None, **extra):
-        del extra
-        _, leaves, treedef, mask, stacked = task_leaves(task_grads, k, params, shared)
+    def update(leaves, losses, state, **extra):
+        del losses, extra
+        k = state.weights.shape[0]
         squares, excess = [], jnp.zeros(k, jnp.float32)
-        for use, leaf, old in zip(mask, leaves, state.squares):
-            if use:
-                sq = leaf.astype(_accumulation_dtype(leaf)) ** 2
-                total = old + sq
-                excess = excess + jnp.sum((sq / jnp.sqrt(total + 1e-7)).reshape(k, -1), axis=1)
-                squares.append(total)
-            else:
+        for leaf, old in zip(leaves, state.squares):
+            if leaf is None:
                 squares.append(old)
+                continue
+            sq = leaf.astype(accumulation_dtype(leaf)) ** 2
+            total = old + sq
+            excess = excess + jnp.sum((sq / jnp.sqrt(total + 1e-7)).reshape(k, -1), axis=1)
+            squares.append(total)
         in_warmup = state.count < warmup
         first = state.count == warmup
         if warmup > 0:
@@ -358,10 +330,10 @@ def excess_mtl(
             warmup_sum=jnp.where(in_warmup, state.warmup_sum + excess, state.warmup_sum),
             squares=tuple(squares),
         )
+        combined = [
+            None if leaf is None else jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
+            for leaf in leaves
+        ]
+        return combined, weights, _ones(k), new_state
 
-        def combine(_, leaf):
-            return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
-
-        return _combine_leaves(leaves, treedef, mask, stacked, combine), new_state
-
-    return optax.GradientTransformationExtraArgs(init, update)
+    return StackedAggregator(init, update, has_weights=True)

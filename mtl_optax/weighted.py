@@ -1,27 +1,15 @@
-"""Tiers 1 and 2 for any model: weight the task losses, then take one backward pass.
+"""Tiers 1 and 2: the weighted gradient of one step, in about one backward pass.
 
-The model is split at a shared representation ``z``: ``encode(params, batch) -> z`` and
-``task_losses(params, z, batch) -> (K,)``. One forward pass gives the losses;
+:func:`mtl_optax.split_value_and_grad` (split model) and :func:`mtl_optax.value_and_grad`
+(whole model) build a :class:`WeightedGradFunction`: the weights come first (from the losses,
+or from a Gram computed without the stacked Jacobian), then one backward pass gives the
+update. Its state is the same :class:`mtl_optax.AggregateState` as ``aggregate``'s, passed
+in and returned::
 
-* tier 1 (the weighting has ``needs_gram=False``): weights from the losses alone;
-* tier 2 (``needs_gram=True``): the Gram matrix of the feature gradients ``∂L_i/∂z``
-  (K backward passes through the heads, batched with ``vmap``), the MGDA-UB
-  approximation of Sener & Koltun (2018);
-
-then one backward pass of ``Σ_i w_i L_i`` through the whole model, with ``w``
-``stop_gradient``-ed.
-
-Here ``task_losses`` may mix the tasks arbitrarily, so the K feature gradients need K
-backward passes through all heads (cost grows like K² for K heads). When task i's loss
-reads only its own copy of the features — the usual shared-encoder model — use
-:func:`mtl_optax.split_value_and_grad`, which gets all K feature gradients from one
-backward pass and leaves each head its own task gradient.
-
-The feature-level Gram only makes sense when the tasks share input samples: with disjoint
-samples per task the feature gradients are orthogonal and ``G`` is diagonal.
-
-Checked in ``tests/test_weighted.py``: gradients equal ``grad(Σ w_i L_i)``, and with ``z``
-the shared parameters themselves the weights equal those of tier 3.
+    grad_fn = mtl.split_value_and_grad(encoder, heads, mtl.famo())
+    state = grad_fn.init(params)
+    losses, grads, state = grad_fn(params, batch, state)     # grads: like params
+    updates, opt_state = optax.adam(1e-3).update(grads, opt_state, params)
 """
 
 from __future__ import annotations
@@ -32,56 +20,69 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl_optax.gram import weights_from_gradients
+from mtl_optax.state import AggregateState, check_method, check_state, method_name
 from mtl_optax.weighting.base import Weighting
 
 
 class WeightedGrads(NamedTuple):
     losses: jax.Array  # (K,) task losses
-    grads: Any  # gradient of Σ w_i L_i, shaped like params
-    weighting_state: Any
-    weights: jax.Array  # (K,) the weights used
+    grads: Any  # the update direction, shaped like params
+    state: AggregateState  # the new state (weights inside: mtl.task_weights(state))
 
 
-def weighted_value_and_grad(
-    encode: Callable, task_losses: Callable, weighting: Weighting
-) -> Callable[..., WeightedGrads]:
-    """Build ``f(params, batch, weighting_state, **extra) -> WeightedGrads``.
+def check_weighting_method(method: Any, entry: str, tier3: str) -> Weighting:
+    """Tiers 1 and 2 run weightings; a stacked aggregator needs the stacked Jacobian."""
+    check_method(method)
+    if not isinstance(method, Weighting):
+        raise TypeError(
+            f"{method_name(method)} combines the stacked per-task gradients coordinate by "
+            f"coordinate, so it needs tier 3: use {tier3} + mtl.aggregate instead of {entry}."
+        )
+    return method
 
-    Args:
-      encode: ``encode(params, batch) -> z``, the shared representation (any pytree).
-      task_losses: ``task_losses(params, z, batch) -> (K,)`` the task losses from ``z``.
-      weighting: a :class:`mtl_optax.Weighting`; its ``needs_gram`` picks tier 1 or 2.
+
+def poison(losses: jax.Array, tree: Any) -> Any:
+    """NaN everywhere when a task loss is not finite (``apply_if_finite`` then skips)."""
+    finite = jnp.all(jnp.isfinite(losses))
+    return jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), tree)
+
+
+class WeightedGradFunction:
+    """``init(params) -> state`` and ``__call__(params, batch, state, **extra) ->
+    WeightedGrads`` for a tier-1/2 entry point (see the module docstring).
 
     ``extra`` keyword arguments go to the weighting (unknown ones are ignored).
-
-    Example::
-
-        step = mtl.weighted_value_and_grad(encode, heads, mtl.mgda())
-        out = step(params, batch, wstate)
-        updates, opt_state = opt.update(out.grads, opt_state, params)
     """
 
-    def fn(params, batch, weighting_state, **extra) -> WeightedGrads:
-        z, encode_vjp = jax.vjp(lambda p: encode(p, batch), params)
-        losses, heads_vjp = jax.vjp(lambda p, z_: task_losses(p, z_, batch), params, z)
-        if jnp.ndim(losses) != 1:
-            raise ValueError(
-                f"`task_losses` must return a 1-D array of K task losses, got shape "
-                f"{jnp.shape(losses)}."
-            )
-        feature_grads = None
-        if weighting.needs_gram:
-            # zeros_like(losses): the basis varies over shard_map mesh axes like the losses.
-            eye = jnp.eye(losses.shape[0], dtype=losses.dtype) + jnp.zeros_like(losses)
-            feature_grads = jax.vmap(lambda e: heads_vjp(e)[1])(eye)
-        weights, weighting_state = weights_from_gradients(
-            weighting, feature_grads, losses, weighting_state, **extra
-        )
-        # Same for the weights: constant (tier 1) or device-local weights match the losses' type.
-        head_grads, z_cotangent = heads_vjp(weights.astype(losses.dtype) + jnp.zeros_like(losses))
-        (encoder_grads,) = encode_vjp(z_cotangent)
-        grads = jax.tree_util.tree_map(jnp.add, head_grads, encoder_grads)
-        return WeightedGrads(losses, grads, weighting_state, weights)
+    def __init__(self, method: Weighting, init: Callable, step: Callable, entry: str):
+        self.method = method
+        self._init = init
+        self._step = step
+        self._entry = entry
 
-    return fn
+    def init(self, params: Any) -> AggregateState:
+        num_tasks, names = self._init(params)
+        return AggregateState(
+            jnp.zeros(num_tasks, jnp.float32),
+            self.method.init(num_tasks),
+            names=names,
+            method=method_name(self.method),
+        )
+
+    def __call__(self, params: Any, batch: Any, state: AggregateState, **extra) -> WeightedGrads:
+        state = check_state(state, self.method, None, self._entry)
+        losses, grads, weights, method_state, names = self._step(
+            params, batch, state.method_state, **extra
+        )
+        if state.names is not None and names is not None and tuple(names) != state.names:
+            raise ValueError(
+                f"{self._entry}: the losses hold tasks {list(names)} but the state was made "
+                f"for {list(state.names)}."
+            )
+        if jnp.shape(losses) != jnp.shape(state.weights):
+            raise ValueError(
+                f"{self._entry}: the state was made for {jnp.shape(state.weights)[0]} tasks, the "
+                f"model gives {jnp.shape(losses)[0]} losses; make the state with init(params)."
+            )
+        weights, grads = poison(losses, (jax.lax.stop_gradient(weights).astype(jnp.float32), grads))
+        return WeightedGrads(losses, grads, state.replace(weights, method_state))

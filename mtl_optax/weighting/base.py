@@ -15,9 +15,17 @@ the tiers then pass ``diag(‖g_i‖²)`` as a diagonal matrix and skip the K² 
 
 Weights are (K,) in float32 (float64 for float64 inputs) and ``stop_gradient``-ed: no solver
 is differentiated through.
-The same object runs in every tier: :func:`mtl_optax.aggregate` (stacked per-task
-gradients) or :func:`mtl_optax.weighted_value_and_grad` (losses only, or the Gram of
-gradients at a shared representation).
+
+``scalarization`` says what the heads (task-specific parameters) get: a scalarization
+minimises ``Σ w_i L_i`` with the weights held fixed, so every parameter, head ``i`` included,
+gets the gradient of the weighted loss, ``w_i ∇L_i`` (LibMTL's loss weightings, torchjd's
+scalarizers); otherwise the weights only set the direction of the shared parameters and head
+``i`` follows its own task, ``∇L_i`` (torchjd's ``mtl_backward``, MGDA-UB). The default
+(``None``) is a scalarization exactly when the weighting reads no Gram.
+
+The same object runs in every tier: :func:`mtl_optax.aggregate` (stacked per-task gradients,
+tier 3) or the tier-1/2 functions :func:`mtl_optax.split_value_and_grad` and
+:func:`mtl_optax.value_and_grad`.
 """
 
 from __future__ import annotations
@@ -47,6 +55,15 @@ class Weighting(NamedTuple):
     # gradients (u(c·J) = c·u(J)). The tiers use it to compute the Gram from power-of-two
     # rescaled gradients (no float32 overflow/underflow) and undo the scale exactly.
     homogeneity: float | None = None
+    # whether the heads get w_i ∇L_i (True) or ∇L_i (False); None: True iff needs_gram is False
+    scalarization: bool | None = None
+
+
+def scales_heads(weighting: Weighting) -> bool:
+    """Whether head ``i`` gets ``w_i ∇L_i`` (a scalarization) rather than ``∇L_i``."""
+    if weighting.scalarization is None:
+        return not weighting.needs_gram
+    return bool(weighting.scalarization)
 
 
 def check_num_tasks(num_tasks: Any) -> int:
@@ -81,8 +98,10 @@ def check_inputs(
     if weighting.needs_losses:
         if losses is None:
             raise ValueError(
-                "This weighting needs the task losses: pass `task_losses=` to the aggregate "
-                "transform (or use weighted_value_and_grad, which passes them)."
+                "This weighting needs the task losses: pass `task_losses=losses` to the "
+                "optimizer's update (opt.update(task_grads, state, params, task_losses=losses); "
+                "nnx: optimizer.update(model, task_grads, task_losses=losses); linen: "
+                "mtl.apply_task_gradients(state, task_grads, task_losses=losses))."
             )
         shape = jnp.shape(losses)
         if len(shape) != 1 or (k is not None and shape[0] != k):

@@ -220,7 +220,11 @@ def gradnorm(
         new_state = GradNormState(new_w, initial, state.step + 1, opt_state)
         return weights, arguments.unless_bad(ok, new_state, state)
 
-    weighting = Weighting(init, update, needs_gram="diagonal", needs_losses=True, homogeneity=None)
+    # The paper and LibMTL train every parameter on Σ w_i L_i: the heads get w_i ∇L_i too.
+    weighting = Weighting(
+        init, update, needs_gram="diagonal", needs_losses=True, homogeneity=None,
+        scalarization=True,
+    )
     return weighting
 
 

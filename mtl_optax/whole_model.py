@@ -1,0 +1,266 @@
+"""Per-task gradients of a whole model: ``task_losses_fn(params, ...) -> K losses``.
+
+For a model that does not split into an encoder and heads (or to treat every parameter
+alike), the task losses come from one function of all parameters: a (K,) array, or a dict
+of K scalars whose keys name the tasks (in dict order).
+
+* :func:`value_and_jacobian` (tier 3): the gradient of every task loss, stacked on a leading
+  task axis, for :func:`mtl_optax.aggregate` with a ``shared`` mask. The forward pass runs
+  once; the K backward passes reuse its residuals (one ``jax.vjp``, then K cotangents
+  ``e_i``): ``"vmap"`` batches them (fast on accelerators, memory grows with K), ``"map"``
+  runs one after another (``lax.map``; lowest memory), ``"chunked"`` ``chunk_size`` at a
+  time, ``"auto"`` (default) is ``"map"`` on CPU and ``"vmap"`` on accelerators.
+* :func:`value_and_grad` (tier 1, and tier 3 with bounded memory): the weights first, then
+  the update from one or two backward passes; a Gram weighting gets the exact Gram of the
+  shared leaves column by column (K backward and K forward-mode passes), never the stacked
+  Jacobian.
+
+Checked in ``tests/test_jacobian.py``: every strategy equals ``jax.jacrev`` and the per-task
+``jax.grad``; ``value_and_grad`` equals ``value_and_jacobian`` + ``aggregate`` for every
+weighting in ``tests/zoo.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtl_optax.aggregate import check_shared_argument, resolve_mask
+from mtl_optax.gram import linear_gram
+from mtl_optax.state import check_tasks
+from mtl_optax.task_gradients import (
+    TaskGradients,
+    basis,
+    check_losses_dtype,
+    check_strategy,
+    map_over_tasks,
+)
+from mtl_optax.weighted import WeightedGradFunction, check_weighting_method
+from mtl_optax.weighting.base import scales_heads
+
+
+def as_losses(out: Any, name: str) -> tuple[jax.Array, tuple[str, ...] | None]:
+    """``(losses, names)`` from what a task-losses function returned."""
+    if isinstance(out, Mapping):
+        names = tuple(out)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{name} returned a dict; its keys must be task names (strings).")
+        for key, value in out.items():
+            if jnp.shape(value) != ():
+                raise ValueError(
+                    f"{name} returned loss {key!r} of shape {jnp.shape(value)}; each task loss "
+                    "must be a scalar (reduce over the batch)."
+                )
+        losses = jnp.stack([jnp.asarray(v) for v in out.values()])
+    elif isinstance(out, (tuple, list)):
+        raise TypeError(
+            f"{name} returned a {type(out).__name__}: return the K task losses as one (K,) "
+            "array or a dict of scalars; with auxiliary outputs return (losses, aux) and pass "
+            "has_aux=True."
+        )
+    else:
+        losses, names = out, None
+        if jnp.ndim(losses) != 1:
+            raise ValueError(
+                f"{name} must return a 1-D array of K task losses (or a dict of scalars), got "
+                f"shape {jnp.shape(losses)}."
+            )
+    check_losses_dtype(losses, name)
+    return losses, names
+
+
+def _split_aux(out: Any, has_aux: bool, name: str):
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"{name} was declared has_aux=True, so it must return a pair (losses, aux); got "
+            f"{type(out).__name__}. Drop has_aux if it returns only the losses."
+        )
+    return out
+
+
+def value_and_jacobian(
+    task_losses_fn: Callable,
+    *,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+    has_aux: bool = False,
+) -> Callable:
+    """Wrap ``task_losses_fn(params, *args, **kwargs)`` to also return per-task gradients.
+
+    Args:
+      task_losses_fn: returns the K task losses as a (K,) array or a dict of scalars (or
+        ``(losses, aux)`` with ``has_aux=True``); differentiated with respect to its first
+        argument.
+      strategy: ``"auto"``, ``"vmap"``, ``"map"`` or ``"chunked"`` (module docstring).
+      chunk_size: cotangents per batch for ``"chunked"`` (required there).
+      has_aux: whether ``task_losses_fn`` returns ``(losses, aux)``.
+
+    Returns:
+      A function with the signature of ``task_losses_fn`` returning ``(losses, task_grads)``
+      (or ``((losses, aux), task_grads)``); ``losses`` is a (K,) array (in dict order),
+      ``task_grads`` a :class:`mtl_optax.TaskGradients` shaped like ``params`` whose leaves
+      have shape ``(K, *param.shape)`` (and the task names when the losses were a dict).
+
+    Example::
+
+        losses, task_grads = mtl.value_and_jacobian(task_losses)(params, batch)
+        opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=K, shared=mask), optax.adam(1e-3))
+    """
+    check_strategy(strategy, chunk_size)
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
+
+    def wrapped(params, *args, **kwargs):
+        names = []
+
+        def losses_only(p):
+            out, aux = _split_aux(task_losses_fn(p, *args, **kwargs), has_aux, "task_losses_fn")
+            losses, found = as_losses(out, "task_losses_fn")
+            names.append(found)
+            return losses, aux
+
+        losses, vjp, aux = jax.vjp(losses_only, params, has_aux=True)
+        grads = map_over_tasks(lambda c: vjp(c)[0], basis(losses), strategy, chunk_size)
+        task_grads = TaskGradients(grads, names=names[0])
+        return ((losses, aux) if has_aux else losses), task_grads
+
+    return wrapped
+
+
+class WholeModelConfig(NamedTuple):
+    """The validated arguments of :func:`value_and_grad`."""
+
+    weighting: Any
+    num_tasks: int
+    task_names: tuple[str, ...] | None
+    shared: Any
+    chunk_size: int | None
+
+
+def whole_model_config(method, tasks, shared, chunk_size, entry="value_and_grad"):
+    weighting = check_weighting_method(method, entry, "value_and_jacobian")
+    num_tasks, task_names = check_tasks(tasks)
+    check_shared_argument(shared)
+    if shared is None:
+        raise ValueError(
+            f"{entry} needs `shared=`: which leaves are shared between the tasks (a pytree of "
+            "bools or a callable params -> mask; heads False), or shared=True if every leaf "
+            "is. For an encoder/heads model, mtl.split_value_and_grad knows it."
+        )
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+    return WholeModelConfig(weighting, num_tasks, task_names, shared, chunk_size)
+
+
+def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighting_state, **extra):
+    """One tier-1 / bounded tier-3 step; ``losses_fn(params, batch) -> (losses, carry)``.
+
+    Returns ``(losses, grads, weights, state, names, carry)``.
+    """
+    weighting, mask = config.weighting, resolve_mask(config.shared, params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    names = []
+
+    def losses_of(xs):
+        out, carry = losses_fn(jax.tree_util.tree_unflatten(treedef, xs), batch)
+        losses, found = as_losses(out, "task_losses_fn")
+        names.append(found)
+        return losses, carry
+
+    if weighting.needs_gram:
+        losses, jvp, carry = jax.linearize(losses_of, leaves, has_aux=True)
+        transpose = jax.linear_transpose(jvp, leaves)
+
+        def vjp(c):
+            return transpose(c)[0]
+
+        def vjp_shared(c):
+            return [g for g, m in zip(vjp(c), mask) if m]
+
+        def jvp_shared(tangents):
+            it = iter(tangents)
+            return jvp([next(it) if m else jnp.zeros_like(x) for x, m in zip(leaves, mask)])
+
+        gram = linear_gram(
+            vjp_shared,
+            jvp_shared,
+            basis(losses),
+            diagonal_only=weighting.needs_gram == "diagonal",
+            chunk_size=config.chunk_size,
+        )
+        weights, state = weighting.update(gram, losses, weighting_state, **extra)
+    else:
+        losses, vjp_fn, carry = jax.vjp(losses_of, leaves, has_aux=True)
+
+        def vjp(c):
+            return vjp_fn(c)[0]
+
+        weights, state = weighting.update(None, losses, weighting_state, **extra)
+    if jnp.shape(losses) != (config.num_tasks,):
+        raise ValueError(
+            f"value_and_grad(tasks={config.num_tasks}): task_losses_fn returned "
+            f"{jnp.shape(losses)[0]} losses."
+        )
+    w = jax.lax.stop_gradient(weights).astype(losses.dtype)
+    shared_grads = vjp(w)
+    head_grads = shared_grads if scales_heads(weighting) else vjp(jnp.ones_like(losses))
+    grads = [s if m else h for s, h, m in zip(shared_grads, head_grads, mask)]
+    grads = jax.tree_util.tree_unflatten(treedef, grads)
+    return losses, grads, weights, state, names[0], carry
+
+
+def value_and_grad(
+    task_losses_fn: Callable,
+    method,
+    *,
+    tasks: int | tuple[str, ...] | list[str],
+    shared: Any | Callable | bool | None = None,
+    chunk_size: int | None = None,
+) -> WeightedGradFunction:
+    """Tier 1 (and bounded-memory tier 3) for a whole model: one weighted update per step.
+
+    Returns ``grad_fn`` with ``grad_fn.init(params) -> state`` and
+    ``grad_fn(params, batch, state, **extra) -> (losses, grads, state)`` where
+    ``task_losses_fn(params, batch)`` gives the K losses ((K,) or a dict of scalars);
+    ``grads`` is shaped like ``params`` and feeds any optax optimizer.
+
+    A weighting that reads no Gram gets its weights from the losses, then one backward pass
+    of ``Σ_i w_i L_i``. A Gram weighting gets the exact Gram of the ``shared`` leaves from K
+    backward and K forward-mode passes (``chunk_size`` columns at a time), never holding the K
+    gradients, then the update: the same weights and update as
+    :func:`value_and_jacobian` + :func:`mtl_optax.aggregate`, in O(parameters) memory. The
+    heads (non-shared leaves) follow the head rule of ``aggregate``.
+
+    Args:
+      task_losses_fn: ``task_losses_fn(params, batch)`` (``batch`` any pytree).
+      method: any :class:`mtl_optax.Weighting` (stacked aggregators need tier 3).
+      tasks: the number of tasks K, or their names (checked against a dict of losses).
+      shared: which leaves are shared, as in :func:`mtl_optax.aggregate` (required: the
+        whole model does not say).
+      chunk_size: Gram columns per batch (``None``: one by one).
+
+    Example::
+
+        grad_fn = mtl.value_and_grad(task_losses, mtl.famo(), tasks=K, shared=mask)
+        state = grad_fn.init(params)
+        losses, grads, state = grad_fn(params, batch, state)
+    """
+    config = whole_model_config(method, tasks, shared, chunk_size)
+
+    def step(params, batch, weighting_state, **extra):
+        return whole_model_step(
+            lambda p, b: (task_losses_fn(p, b), None), config, params, batch, weighting_state,
+            **extra,
+        )[:-1]
+
+    return WeightedGradFunction(
+        config.weighting, lambda params: (config.num_tasks, config.task_names), step,
+        "value_and_grad",
+    )
