@@ -29,4 +29,4 @@ from mtl_optax.weighted import WeightedGradFunction, WeightedGrads
 from mtl_optax.weighting import *  # flat public API: every weighting and its state type
 from mtl_optax.whole_model import value_and_grad, value_and_jacobian
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -273,9 +273,7 @@ def combine(method, leaves, roles, losses, method_state, **extra):
         raise ValueError("No shared leaf: the mask leaves nothing for the method to combine.")
     if isinstance(method, Weighting):
         used = [x for x in shared if x is not None]
-        weights, method_state = weights_from_gradients(
-            method, used, losses, method_state, **extra
-        )
+        weights, method_state = weights_from_gradients(method, used, losses, method_state, **extra)
         combined = [
             None
             if x is None

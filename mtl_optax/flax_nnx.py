@@ -17,8 +17,8 @@ mutates a variable from inside the differentiation trace.
 The split takes ``encoder(model, batch) -> z`` and heads as in :mod:`mtl_optax.heads`: a
 sequence or dict of ``head_i(model, z, batch) -> scalar``, or
 ``mtl.stacked_heads(head, head_params=lambda model: model.heads)`` with the heads built by
-``nnx.vmap`` and ``head(head_module_i, z, batch, task_index)`` (stacked heads run vmapped:
-they may not change non-parameter state, so dropout / BatchNorm belong in the encoder).
+``nnx.vmap`` and ``head(head_module_i, z, batch, task_index)`` (stacked heads run vmapped
+and may hold only parameters: dropout / BatchNorm belong in the encoder).
 
 Tier 3 keeps the method's state in the optimizer: ``nnx.Optimizer(model,
 optax.chain(mtl.aggregate(method, tasks=K), tx), wrt=nnx.Param)`` then
@@ -73,7 +73,9 @@ def _check_model(model: Any, where: str) -> None:
     hint = ""
     if isinstance(model, nnx.State):
         hint = " It is an nnx.State: pass the model itself (mtl_nnx splits and merges it)."
-    raise TypeError(f"{where} takes the nnx model as first argument, got {type(model).__name__}.{hint}")
+    raise TypeError(
+        f"{where} takes the nnx model as first argument, got {type(model).__name__}.{hint}"
+    )
 
 
 def _pure(model: nnx.Module, wrt) -> tuple[Any, Any, Callable, Callable]:
@@ -120,22 +122,21 @@ def _pure_split(encoder, spec, call, rest, wrt) -> _split.PureSplit:
 
     def stacked(p, features, batch, carry):
         graphdef, head_state, head_rest = sub_module(p, carry)
+        if jax.tree_util.tree_leaves(head_rest):
+            kinds = jax.tree_util.tree_leaves(
+                head_rest, is_leaf=lambda x: isinstance(x, nnx.Variable)
+            )
+            raise ValueError(
+                "stacked_heads: the head module holds variables other than the differentiated "
+                f"ones ({sorted({type(v).__name__ for v in kinds})}); "
+                "stacked heads run vmapped and may hold only parameters: put dropout / "
+                "BatchNorm in the encoder, or give the heads as a sequence or dict."
+            )
         k = stacked_num_tasks(jax.tree_util.tree_leaves(head_state))
-        before = jax.tree_util.tree_leaves(head_rest)
-
-        def one(state_i, z, i):
-            module = nnx.merge(graphdef, state_i, head_rest, copy=True)
-            loss = head(module, z, batch, i)
-            after = jax.tree_util.tree_leaves(nnx.split(module, wrt, ...)[2])
-            if len(after) != len(before) or any(a is not b for a, b in zip(after, before)):
-                raise ValueError(
-                    "stacked_heads: the heads changed non-parameter state (dropout RNG counts or "
-                    "BatchNorm statistics) inside the vmapped pass; put dropout / BatchNorm in "
-                    "the encoder, or give the heads as a sequence or dict."
-                )
-            return loss
-
-        return jax.vmap(one)(head_state, features, jnp.arange(k)), carry
+        losses = jax.vmap(
+            lambda state_i, z, i: head(nnx.merge(graphdef, state_i, head_rest), z, batch, i)
+        )(head_state, features, jnp.arange(k))
+        return losses, carry
 
     def select_state(p):
         return sub_module(p, rest)[1]
@@ -201,7 +202,11 @@ def value_and_grad(
         _check_model(model, "value_and_grad")
         params, rest, call, finish = _pure(model, wrt)
         out = _whole.whole_model_step(
-            lambda p, b: call(loss_fn, p, rest, b), config, params, batch, weighting_state,
+            lambda p, b: call(loss_fn, p, rest, b),
+            config,
+            params,
+            batch,
+            weighting_state,
             **extra,
         )
         finish(out[-1])

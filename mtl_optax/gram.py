@@ -100,18 +100,25 @@ def linear_gram(
     *,
     diagonal_only: bool,
     chunk_size: int | None,
-    exponent: jax.Array | int = 0,
-) -> jax.Array:
-    """Gram of ``g_i = Aᵀ c_i`` for a linear map ``A`` without holding the K gradients.
+    exponent: jax.Array | int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(Ĝ, e)``, ``G = 4^e Ĝ``: the Gram of ``g_i = Aᵀ c_i`` for a linear map ``A``, computed
+    without holding the K gradients.
 
     ``vjp(c) -> [leaves]`` applies ``Aᵀ`` (one backward pass) and ``jvp([leaves]) -> t``
     applies ``A`` (one forward-mode pass); ``cotangents`` are the K rows ``c_i`` (a pytree
     with a leading task axis). Column j: ``g_j = Aᵀ c_j``, then ``G_ij = ⟨c_i, A g_j⟩``, which
     equals ``⟨g_i, g_j⟩``. ``diagonal_only`` stops after the backward pass (``‖g_j‖²``).
-    ``chunk_size`` columns are computed at a time (``None``: one). With ``exponent`` e the
-    result is ``4^-e G``: each cotangent and each tangent is scaled by ``2^-e`` (exact), so
-    the Gram of huge or tiny gradients neither overflows nor underflows. Memory: the
-    cotangents plus ``chunk_size`` gradients.
+    ``chunk_size`` columns are computed at a time (``None``: one). Memory: the cotangents
+    plus ``chunk_size`` gradients.
+
+    Power-of-two scaling (exact) keeps float32 from overflowing or underflowing: with an
+    ``exponent`` e, every cotangent and tangent is scaled by ``2^-e`` (the split: e from the
+    feature gradients, which ``Aᵀ`` maps linearly); with ``exponent=None`` each tangent
+    ``g_j`` is scaled by its own ``2^-e_j`` (the exponent of its largest entry) and the
+    columns are brought to the common ``e = max_j e_j`` (the whole model: ``c_i = e_i``
+    carries no scale). Either way ``e`` is the exponent :func:`power_of_two_exponent` gives
+    the stacked gradients, so ``Ĝ`` is the Gram the stacked path computes.
 
     The split's encoder (``A`` = the encoder's Jacobian, ``c_i = ∂L_i/∂z``) and the whole
     model (``A`` = the Jacobian of the losses, ``c_i = e_i``) both use it.
@@ -119,23 +126,36 @@ def linear_gram(
     leaves = jax.tree_util.tree_leaves(cotangents)
     k = leaves[0].shape[0]
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    per_column = exponent is None
 
     def column(cotangent):
-        grads = vjp(jax.tree_util.tree_map(lambda a: jnp.ldexp(a, -exponent), cotangent))
+        if not per_column:
+            cotangent = jax.tree_util.tree_map(lambda a: jnp.ldexp(a, -exponent), cotangent)
+        grads = vjp(cotangent)
+        e = power_of_two_exponent(grads) if per_column else jnp.int32(0)
+        tangent_scale = -e if per_column else -exponent
         if diagonal_only:
-            return sum(jnp.sum(jnp.square(g.astype(dtype))) for g in grads)
-        tangent = jax.tree_util.tree_leaves(jvp(grads))
-        return sum(
+            return sum(jnp.sum(jnp.square(jnp.ldexp(g.astype(dtype), -e))) for g in grads), e
+        tangent = jax.tree_util.tree_leaves(
+            jvp([jnp.ldexp(g, tangent_scale).astype(g.dtype) for g in grads])
+        )
+        value = sum(
             jnp.matmul(
                 f.reshape(k, -1),
-                jnp.ldexp(t.reshape(-1), -exponent).astype(f.dtype),
+                t.reshape(-1).astype(f.dtype),
                 precision=HIGHEST,
                 preferred_element_type=dtype,
             )
             for f, t in zip(leaves, tangent)
         )
+        return value, e
 
-    columns = jax.lax.map(column, cotangents, batch_size=chunk_size)
+    columns, exponents = jax.lax.map(column, cotangents, batch_size=chunk_size)
+    if per_column:  # column j is 2^-e_j G[:, j] (diagonal: 4^-e_j G_jj); bring all to 4^-e
+        exponent = jnp.max(exponents)
+        shift = (2 if diagonal_only else 1) * exponents - 2 * exponent
+        columns = jnp.ldexp(columns, shift if diagonal_only else shift[:, None])
     if diagonal_only:
-        return jnp.diag(columns)
-    return 0.5 * (columns + columns.T)  # exact in exact arithmetic; removes rounding asymmetry
+        return jnp.diag(columns), jnp.asarray(exponent, jnp.int32)
+    # exact in exact arithmetic; removes rounding asymmetry
+    return 0.5 * (columns + columns.T), jnp.asarray(exponent, jnp.int32)

@@ -46,8 +46,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl_optax.gram import HIGHEST, apply_weighting, linear_gram, power_of_two_exponent
-from mtl_optax.gram import weights_from_gradients
+from mtl_optax.gram import (
+    HIGHEST,
+    apply_weighting,
+    linear_gram,
+    power_of_two_exponent,
+    weights_from_gradients,
+)
 from mtl_optax.heads import (
     HeadsForward,
     HeadsSpec,
@@ -186,7 +191,9 @@ def split_forward(pure: PureSplit, params: Any, batch: Any) -> SplitForward:
             if tied:
                 tied_error(tied)
             reads.append([x for x, m in zip(r, encoder_mask) if not m])
-        labels = [repr(n) for n in spec.names] if spec.names else [str(i) for i in range(len(reads))]
+        labels = (
+            [repr(n) for n in spec.names] if spec.names else [str(i) for i in range(len(reads))]
+        )
         heads = run_sequence(
             spec.fns,
             labels,
@@ -306,10 +313,8 @@ def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_si
             )
         else:
             # J is linear: scaling the feature cotangents by 2^-e scales every g_i by 2^-e.
-            exponent = (
-                0 if weighting.homogeneity is None else power_of_two_exponent(feature_grads)
-            )
-            g = linear_gram(
+            exponent = 0 if weighting.homogeneity is None else power_of_two_exponent(feature_grads)
+            g, _ = linear_gram(
                 forward.encoder_vjp,
                 forward.encoder_jvp,
                 feature_grads,

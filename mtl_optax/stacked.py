@@ -154,7 +154,9 @@ def graddrop(*, key: jax.Array, leak: float | Any = 0.0) -> StackedAggregator:
         del shapes
         k = check_num_tasks(num_tasks)
         if leak_array.shape not in ((), (k,)):
-            raise ValueError(f"`leak` must be a scalar or shape ({k},), got shape {leak_array.shape}.")
+            raise ValueError(
+                f"`leak` must be a scalar or shape ({k},), got shape {leak_array.shape}."
+            )
         return GradDropState(key=key)
 
     def update(leaves, losses, state, **extra):
@@ -190,9 +192,7 @@ def check_losses(losses, name):
         )
 
 
-def db_mtl(
-    *, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8
-) -> StackedAggregator:
+def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> StackedAggregator:
     """DB-MTL: balance log-loss gradients by their EMA norms (needs ``task_losses=``).
 
     Step t: task gradients of ``log(L_i + eps)``, ``h_i = g_i/(L_i + eps)``; per-task EMA
@@ -261,9 +261,7 @@ class ExcessMTLState(NamedTuple):
     squares: tuple  # per leaf: (K, *shape) summed squared gradients (shared), (0,) otherwise
 
 
-def excess_mtl(
-    *, robust_step_size: float = 1.0, n_warmup_steps: int = 0
-) -> StackedAggregator:
+def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> StackedAggregator:
     """ExcessMTL: weights by exponentiated gradient on estimated excess risks.
 
     Per call: ``S_i += g_i²`` (coordinate-wise, state); excess risk

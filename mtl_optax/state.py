@@ -52,7 +52,10 @@ class AggregateState:
 
     def replace(self, weights, method_state) -> AggregateState:
         return AggregateState(
-            weights, method_state, names=self.names, method=self.method,
+            weights,
+            method_state,
+            names=self.names,
+            method=self.method,
             has_weights=self.has_weights,
         )
 
@@ -64,7 +67,10 @@ class AggregateState:
 
 
 def method_name(method: Any) -> str:
-    """A method's name: that of the constructor that built it (e.g. ``"mgda"``)."""
+    """A method's name (e.g. ``"mgda"``): its ``name`` field, else that of the function that
+    defines its ``update`` (the constructor that built it)."""
+    if getattr(method, "name", None):
+        return method.name
     update = getattr(method, "update", None)
     qualname = getattr(update, "__qualname__", type(update).__name__)
     return qualname.split(".<locals>")[0]
@@ -93,9 +99,7 @@ def check_method(method: Any, name: str = "method") -> None:
 
 def check_tasks(tasks: Any) -> tuple[int, tuple[str, ...] | None]:
     """``tasks``: a positive int K, or a sequence of K distinct task names."""
-    if isinstance(tasks, (jax.Array, np.ndarray, np.generic)) or isinstance(
-        tasks, jax.core.Tracer
-    ):
+    if isinstance(tasks, (jax.Array, np.ndarray, np.generic)) or isinstance(tasks, jax.core.Tracer):
         raise TypeError(
             f"`tasks` must be a Python int or a sequence of task names, got the array "
             f"{tasks!r}. It fixes the state's shapes; with optax.inject_hyperparams pass "
@@ -105,7 +109,9 @@ def check_tasks(tasks: Any) -> tuple[int, tuple[str, ...] | None]:
     if isinstance(tasks, (list, tuple)):
         names = tuple(tasks)
         if not names or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"`tasks` names must be a non-empty sequence of strings, got {tasks!r}.")
+            raise TypeError(
+                f"`tasks` names must be a non-empty sequence of strings, got {tasks!r}."
+            )
         if len(set(names)) != len(names):
             raise ValueError(f"`tasks` names must be distinct, got {tasks!r}.")
         return len(names), names
@@ -151,8 +157,8 @@ def check_state(state: Any, method: Any, num_tasks: int | None, where: str) -> A
         return state
     if state is None:
         raise ValueError(
-            f"{where} got state=None: create it with init(params) and pass the state "
-            "returned by each step to the next."
+            f"{where} got state=None: create it once (tier 3: opt.init(params); tiers 1/2: "
+            "grad_fn.init(params)) and pass the state returned by each step to the next."
         )
     if isinstance(state, Mapping) and {"weights", "method_state"} <= set(state):
         raise ValueError(

@@ -146,7 +146,9 @@ class TaskGradients(metaclass=_NamedInErrors):
     Wrap your own stacked per-task gradients as ``mtl.TaskGradients(tree)``.
     """
 
-    def __init__(self, tree: Any, roles: Sequence | None = None, names: Sequence[str] | None = None):
+    def __init__(
+        self, tree: Any, roles: Sequence | None = None, names: Sequence[str] | None = None
+    ):
         self.tree = tree
         self.roles = None if roles is None else tuple(roles)
         self.names = None if names is None else tuple(names)

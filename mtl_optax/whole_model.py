@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_optax.aggregate import check_shared_argument, resolve_mask
-from mtl_optax.gram import linear_gram
+from mtl_optax.gram import apply_weighting, linear_gram
 from mtl_optax.state import check_tasks
 from mtl_optax.task_gradients import (
     TaskGradients,
@@ -188,14 +188,27 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
             it = iter(tangents)
             return jvp([next(it) if m else jnp.zeros_like(x) for x, m in zip(leaves, mask)])
 
-        gram = linear_gram(
-            vjp_shared,
-            jvp_shared,
-            basis(losses),
-            diagonal_only=weighting.needs_gram == "diagonal",
-            chunk_size=config.chunk_size,
-        )
-        weights, state = weighting.update(gram, losses, weighting_state, **extra)
+        if weighting.homogeneity is None:  # needs the true Gram
+            gram, _ = linear_gram(
+                vjp_shared,
+                jvp_shared,
+                basis(losses),
+                diagonal_only=weighting.needs_gram == "diagonal",
+                chunk_size=config.chunk_size,
+                exponent=0,
+            )
+            weights, state = weighting.update(gram, losses, weighting_state, **extra)
+        else:
+            gram, exponent = linear_gram(
+                vjp_shared,
+                jvp_shared,
+                basis(losses),
+                diagonal_only=weighting.needs_gram == "diagonal",
+                chunk_size=config.chunk_size,
+            )
+            weights, state = apply_weighting(
+                weighting, gram, losses, weighting_state, log2_scale=2 * exponent, **extra
+            )
     else:
         losses, vjp_fn, carry = jax.vjp(losses_of, leaves, has_aux=True)
 
@@ -256,11 +269,17 @@ def value_and_grad(
 
     def step(params, batch, weighting_state, **extra):
         return whole_model_step(
-            lambda p, b: (task_losses_fn(p, b), None), config, params, batch, weighting_state,
+            lambda p, b: (task_losses_fn(p, b), None),
+            config,
+            params,
+            batch,
+            weighting_state,
             **extra,
         )[:-1]
 
     return WeightedGradFunction(
-        config.weighting, lambda params: (config.num_tasks, config.task_names), step,
+        config.weighting,
+        lambda params: (config.num_tasks, config.task_names),
+        step,
         "value_and_grad",
     )

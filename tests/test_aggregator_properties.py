@@ -85,14 +85,9 @@ def jacobians(seeds, k=K, spread=30.0, common=0.5, dim=DIM):
 LOSSES = np.linspace(0.5, 2.0, K)
 
 
-def make(name, k=K):
-    return zoo.WEIGHTINGS[name](k) if name in zoo.WEIGHTINGS else zoo.STACKED[name](k)
-
-
 def transform(name, k=K):
-    """Every method as a stacked-gradient transform (weightings through ``aggregate``)."""
-    method = make(name, k)
-    return mtl.aggregate(method, num_tasks=k, shared=True) if name in zoo.WEIGHTINGS else method
+    """Every method through ``aggregate`` (all leaves shared)."""
+    return mtl.aggregate(zoo.METHODS[name](k), tasks=k, shared=True)
 
 
 class Batched:
@@ -105,7 +100,9 @@ class Batched:
         self.t = transform(name, k)
         self.params = jnp.zeros(DIM, dtype)
         self.run = jax.jit(
-            jax.vmap(lambda j, s, l: self.t.update(j, s, self.params, task_losses=l))
+            jax.vmap(
+                lambda j, s, l: self.t.update(mtl.TaskGradients(j), s, self.params, task_losses=l)
+            )
         )
 
     def fresh_states(self):
@@ -211,10 +208,10 @@ def test_weightings_in_tier_two(name):
     weighting = zoo.WEIGHTINGS[name](models.K)
     params = models.init_params(jax.random.PRNGKey(0))
     batch = models.make_batch(jax.random.PRNGKey(1))
-    step = jax.jit(mtl.weighted_value_and_grad(models.encode, models.heads, weighting))
-    out = step(params, batch, weighting.init(models.K))
-    assert out.weights.shape == (models.K,)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(out.grads))
+    grad_fn = mtl.split_value_and_grad(models.encode, models.HEADS, weighting)
+    _, grads, state = jax.jit(grad_fn)(params, batch, grad_fn.init(params))
+    assert mtl.task_weights(state).shape == (models.K,)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -240,12 +237,15 @@ def test_bf16_and_single_task(name):
         lambda: mtl.krum(n_byzantine=-1),
         lambda: mtl.sdmgrad(lr=float("inf")),
         lambda: mtl.modo(rho=-0.1),
-        lambda: mtl.trimmed_mean(num_tasks=3, trim=1.0),
-        lambda: mtl.trimmed_mean(num_tasks=2, trim=1),
-        lambda: mtl.graddrop(num_tasks=3, key=jax.random.PRNGKey(0), leak=[0.1, 0.2]),
-        lambda: mtl.db_mtl(num_tasks=3, beta=2.0),
-        lambda: mtl.excess_mtl(num_tasks=3, n_warmup_steps=-1),
-        lambda: mtl.excess_mtl(num_tasks=True),
+        lambda: mtl.trimmed_mean(trim=1.0),
+        lambda: mtl.aggregate(mtl.trimmed_mean(trim=1), tasks=2, shared=True).init(jnp.zeros(2)),
+        lambda: mtl.aggregate(
+            mtl.graddrop(key=jax.random.PRNGKey(0), leak=[0.1, 0.2]), tasks=3, shared=True
+        ).init(jnp.zeros(2)),
+        lambda: mtl.graddrop(key=jax.random.PRNGKey(0), leak="0.1"),
+        lambda: mtl.db_mtl(beta=2.0),
+        lambda: mtl.excess_mtl(n_warmup_steps=-1),
+        lambda: mtl.aggregate(mtl.excess_mtl(), tasks=True, shared=True),
     ],
 )
 def test_bad_hyper_parameters_raise(build):

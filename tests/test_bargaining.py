@@ -101,7 +101,7 @@ def test_fairgrad_through_aggregate_at_extreme_scales(scale):
     the weights back; they satisfy the true Gram's fixed point ``Gw = w^{−1/α}`` (float64)."""
     jac = jacobian(8, k=3) * scale
     alpha = 2.0
-    t = mtl.aggregate(mtl.fairgrad(alpha=alpha), num_tasks=3, shared=True)
+    t = mtl.aggregate(mtl.fairgrad(alpha=alpha), tasks=3, shared=True)
     params = jnp.zeros(jac.shape[1])
     _, state = jax.jit(t.update)(jnp.asarray(jac, jnp.float32), t.init(params), params)
     w = np.asarray(state.weights, np.float64)

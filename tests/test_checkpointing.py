@@ -1,12 +1,12 @@
 """Checkpoints restore every method's state bit for bit, and training resumes bit for bit.
 
-For every entry of ``tests/zoo.py`` (``WEIGHTINGS`` through ``aggregate``, ``STACKED`` as
-they are), a few jitted Adam steps on the tiny model of ``tests/models.py``; the
-``(params, opt_state)`` pair after step 3 is saved and restored with flax serialization
-(``to_bytes`` / ``from_bytes`` with a target) and with orbax (``StandardCheckpointer``,
-restore with a target), and training continues from each restored copy. Every leaf, its
-dtype and the pytree structure (NamedTuple types included) must equal the live state, and
-the resumed runs must equal the uninterrupted run exactly (``np.array_equal``).
+For every entry of ``tests/zoo.py`` (through ``aggregate``), a few jitted Adam steps on the
+tiny model of ``tests/models.py``; the ``(params, opt_state)`` pair after step 3 is saved
+and restored with flax serialization (``to_bytes`` / ``from_bytes`` with a target) and with
+orbax (``StandardCheckpointer``, restore with a target), and training continues from each
+restored copy. Every leaf, its dtype and the pytree structure (NamedTuple types included)
+must equal the live state, and the resumed runs must equal the uninterrupted run exactly
+(``np.array_equal``).
 """
 
 import jax
@@ -22,15 +22,11 @@ from tests import models, zoo
 K = models.K
 STEPS_BEFORE, STEPS_AFTER = 3, 3
 
-CASES = [("weighting", name) for name in zoo.WEIGHTINGS] + [
-    ("stacked", name) for name in zoo.STACKED
-]
+CASES = list(zoo.METHODS)
 
 
-def transform_for(kind, name):
-    if kind == "weighting":
-        return mtl.aggregate(zoo.WEIGHTINGS[name](K), num_tasks=K, shared=models.SHARED)
-    return zoo.STACKED[name](K)
+def transform_for(name):
+    return mtl.aggregate(zoo.METHODS[name](K), tasks=K, shared=models.SHARED)
 
 
 def make_step(transform):
@@ -59,9 +55,9 @@ def assert_identical(actual, expected):
         np.testing.assert_array_equal(a, e)
 
 
-@pytest.mark.parametrize(("kind", "name"), CASES)
-def test_checkpoint_restores_and_resumes_bit_identically(kind, name, tmp_path):
-    opt, step = make_step(transform_for(kind, name))
+@pytest.mark.parametrize("name", CASES)
+def test_checkpoint_restores_and_resumes_bit_identically(name, tmp_path):
+    opt, step = make_step(transform_for(name))
     params = models.init_params(jax.random.PRNGKey(0))
     batches = [models.make_batch(jax.random.PRNGKey(i)) for i in range(STEPS_BEFORE + STEPS_AFTER)]
     saved = run(step, (params, opt.init(params)), batches[:STEPS_BEFORE])

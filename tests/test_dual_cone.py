@@ -113,7 +113,7 @@ def test_linear_under_scaling_and_permutation_equivariant(name):
 def test_through_aggregate_at_extreme_scales():
     """Scales 1e-30 and 1e30 through the tier: the update scales linearly."""
     jac = jacobian(3, spread=1e4).astype(np.float32)
-    tx = mtl.aggregate(mtl.upgrad(), num_tasks=K, shared=True)
+    tx = mtl.aggregate(mtl.upgrad(), tasks=K, shared=True)
     update = jax.jit(tx.update)
     base, _ = update(jnp.asarray(jac), tx.init(None))
     for c in (1e-30, 1e30):

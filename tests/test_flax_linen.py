@@ -32,21 +32,29 @@ def encode(params, batch):
     return MODEL.apply({"params": params}, batch[0], method=Model.encode)
 
 
-def heads(params, features, batch):  # task k reads only features[k]
-    w, b = params["heads"]["kernel"], params["heads"]["bias"]
-    return jnp.mean((jnp.einsum("kbd,dk->bk", features, w) + b - batch[1]) ** 2, axis=0)
+def head(i):
+    """Task i: column i of the Dense(K) head on its own copy of the features."""
+
+    def loss(params, z, batch):
+        w, b = params["heads"]["kernel"][:, i], params["heads"]["bias"][i]
+        return jnp.mean((z @ w + b - batch[1][:, i]) ** 2)
+
+    return loss
+
+
+HEADS = [head(i) for i in range(K)]
 
 
 def setup(weighting):
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     batch = jax.random.normal(kx, (B, D_IN)), jax.random.normal(ky, (B, K))
     params = MODEL.init(kp, batch[0])["params"]
-    tx = optax.chain(mtl.aggregate(weighting, num_tasks=K), optax.adam(1e-2))
+    tx = optax.chain(mtl.aggregate(weighting, tasks=K), optax.adam(1e-2))
     state = train_state.TrainState.create(apply_fn=MODEL.apply, params=params, tx=tx)
     return state, tx, batch
 
 
-JAC = mtl.split_value_and_jacobian(encode, heads, num_tasks=K)
+JAC = mtl.split_value_and_jacobian(encode, HEADS)
 
 
 @pytest.mark.parametrize(
@@ -89,3 +97,10 @@ def test_apply_gradients_accepts_task_gradients_directly():
     with pytest.raises(TypeError, match="TrainState"):
         mtl.apply_task_gradients(state.params, task_grads)
     del losses
+
+
+def test_a_missing_task_losses_points_to_apply_task_gradients():
+    state, _, batch = setup(mtl.mgda(normalization="loss"))
+    _, task_grads = JAC(state.params, batch)
+    with pytest.raises(ValueError, match=r"linen: mtl.apply_task_gradients\(state, task_grads"):
+        state.apply_gradients(grads=task_grads)

@@ -1,4 +1,4 @@
-"""value_and_jacobian: every strategy equals jax.jacrev and per-task jax.grad."""
+"""value_and_jacobian: every strategy equals jax.jacrev and per-task jax.grad; bad outputs."""
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +52,35 @@ def test_has_aux_and_bf16_params():
     )
 
 
-def test_bad_arguments():
+def test_dict_losses_name_the_tasks():
+    params = models.init_params(jax.random.PRNGKey(0))
+    batch = models.make_batch(jax.random.PRNGKey(1))
+    named = lambda p, b: dict(zip(models.NAMES, models.task_losses(p, b)))  # noqa: E731
+    losses, task_grads = jax.jit(mtl.value_and_jacobian(named))(params, batch)
+    np.testing.assert_allclose(losses, models.task_losses(params, batch), rtol=1e-6)
+    assert task_grads.names == models.NAMES
+
+
+def test_bad_arguments_and_outputs():
+    params = models.init_params(jax.random.PRNGKey(0))
+    batch = models.make_batch(jax.random.PRNGKey(1))
     with pytest.raises(ValueError, match="strategy"):
         mtl.value_and_jacobian(models.task_losses, strategy="jacfwd")
     with pytest.raises(ValueError, match="chunk_size"):
         mtl.value_and_jacobian(models.task_losses, strategy="chunked")
-    params = models.init_params(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="only used by strategy='chunked'"):
+        mtl.value_and_jacobian(models.task_losses, strategy="map", chunk_size=2)
     with pytest.raises(ValueError, match="1-D array of K task losses"):
-        mtl.value_and_jacobian(lambda p, b: jnp.sum(models.task_losses(p, b)))(
-            params, models.make_batch(jax.random.PRNGKey(1))
+        mtl.value_and_jacobian(lambda p, b: jnp.sum(models.task_losses(p, b)))(params, batch)
+    with pytest.raises(TypeError, match="dtype int32.*real floating point"):
+        mtl.value_and_jacobian(lambda p, b: models.task_losses(p, b).astype(jnp.int32))(
+            params, batch
         )
+    with pytest.raises(TypeError, match="returned a tuple.*has_aux=True"):
+        mtl.value_and_jacobian(lambda p, b: (models.task_losses(p, b), 1.0))(params, batch)
+    with pytest.raises(TypeError, match="has_aux=True, so it must return a pair"):
+        mtl.value_and_jacobian(models.task_losses, has_aux=True)(params, batch)
+    with pytest.raises(TypeError, match="`has_aux` must be a bool"):
+        mtl.value_and_jacobian(models.task_losses, has_aux=1)
+    with pytest.raises(ValueError, match="loss 'a' of shape"):
+        mtl.value_and_jacobian(lambda p, b: {"a": models.task_losses(p, b)})(params, batch)

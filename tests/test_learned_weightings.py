@@ -149,23 +149,22 @@ def test_gradnorm_runs_in_tiers_2_and_3():
     batch = models.make_batch(jax.random.PRNGKey(1))
     weighting = mtl.gradnorm(optimizer=optax.sgd(0.1))
     losses, task_grads = mtl.value_and_jacobian(models.task_losses)(params, batch)
-    transform = mtl.aggregate(weighting, num_tasks=models.K, shared=models.SHARED)
+    transform = mtl.aggregate(weighting, tasks=models.K, shared=models.SHARED)
     _, state = jax.jit(transform.update)(task_grads, transform.init(params), params,
                                          task_losses=losses)  # fmt: skip
     trunk = [task_grads["trunk"]["w"].reshape(models.K, -1), task_grads["trunk"]["b"]]
     norms = np.linalg.norm(np.concatenate([np.asarray(g, np.float64) for g in trunk], 1), axis=1)
     _, expected = gradnorm64(np.asarray(losses)[None], norms[None], 1.5, 0.1)
-    np.testing.assert_allclose(state.weighting_state.weights, expected, rtol=1e-5)
+    np.testing.assert_allclose(state.method_state.weights, expected, rtol=1e-5)
 
-    out = jax.jit(mtl.weighted_value_and_grad(models.encode, models.heads, weighting))(
-        params, batch, weighting.init(models.K)
-    )
+    grad_fn = mtl.split_value_and_grad(models.encode, models.HEADS, weighting)
+    out_losses, _, out_state = jax.jit(grad_fn)(params, batch, grad_fn.init(params))
     z = models.encode(params, batch)
     feature_grads = jax.jacrev(lambda z_: models.heads(params, z_, batch))(z)
     norms = np.linalg.norm(np.asarray(feature_grads, np.float64).reshape(models.K, -1), axis=1)
-    _, expected = gradnorm64(np.asarray(out.losses)[None], norms[None], 1.5, 0.1)
-    np.testing.assert_allclose(out.weighting_state.weights, expected, rtol=1e-5)
-    np.testing.assert_allclose(out.weights, np.ones(models.K))
+    _, expected = gradnorm64(np.asarray(out_losses)[None], norms[None], 1.5, 0.1)
+    np.testing.assert_allclose(out_state.method_state.weights, expected, rtol=1e-5)
+    np.testing.assert_allclose(mtl.task_weights(out_state), np.ones(models.K))
 
 
 # --------------------------------------------------------------------------- FAMO

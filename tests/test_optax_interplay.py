@@ -19,13 +19,13 @@ def test_readme_quickstart_runs():
     namespace: dict = {}
     exec(compile(code, "README quick-start", "exec"), namespace)
     assert np.all(np.isfinite(namespace["losses"]))
-    assert abs(float(namespace["out"].weights.sum()) - 1.0) < 1e-5
+    assert abs(float(namespace["mtl"].task_weights(namespace["state"]).sum()) - 1.0) < 1e-5
 
 
 def _train(inner, steps):
     params = models.init_params(jax.random.PRNGKey(0))
     batch = models.make_batch(jax.random.PRNGKey(1))
-    opt = optax.chain(mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED), inner)
+    opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=models.K, shared=models.SHARED), inner)
     state = opt.init(params)
     jac_fn = mtl.value_and_jacobian(models.task_losses)
 
@@ -55,7 +55,7 @@ def test_multisteps_after_aggregate_accumulates_aggregated_updates():
     batch = models.make_batch(jax.random.PRNGKey(1))
     k_steps = 3
     opt = optax.chain(
-        mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED),
+        mtl.aggregate(mtl.mgda(), tasks=models.K, shared=models.SHARED),
         optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k_steps),
     )
     state = opt.init(params)
@@ -66,7 +66,7 @@ def test_multisteps_after_aggregate_accumulates_aggregated_updates():
         total = updates if total is None else jax.tree_util.tree_map(jnp.add, total, updates)
     # Same micro-batch k times: the accumulated step equals one SGD step on the aggregate.
     single = optax.chain(
-        mtl.aggregate(mtl.mgda(), num_tasks=models.K, shared=models.SHARED), optax.sgd(0.1)
+        mtl.aggregate(mtl.mgda(), tasks=models.K, shared=models.SHARED), optax.sgd(0.1)
     )
     expected, _ = single.update(grads, single.init(params), params)
     jax.tree_util.tree_map(

@@ -1,4 +1,5 @@
-"""Stacked aggregators: scipy / NumPy transcriptions, shared masks, state across steps."""
+"""Stacked aggregators through aggregate: scipy / NumPy transcriptions, shared masks, state
+across steps, the split's output and the head rule."""
 
 import jax
 import jax.numpy as jnp
@@ -21,19 +22,24 @@ PARAMS = {"trunk": jnp.zeros((4, 3)), "head": jnp.zeros(2)}
 SHARED = {"trunk": True, "head": False}
 
 
+def through_aggregate(method):
+    return mtl.aggregate(method, tasks=K, shared=SHARED)
+
+
 def apply(transform, tree, state, **extra):
     tree32 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
-    return jax.jit(transform.update)(tree32, state, PARAMS, **extra)
+    return jax.jit(transform.update)(mtl.TaskGradients(tree32), state, PARAMS, **extra)
 
 
 def test_trimmed_mean_matches_scipy_and_sums_heads():
     tree = grads(0)
-    t = mtl.trimmed_mean(num_tasks=K, trim=1, shared=SHARED)
-    out, _ = apply(t, tree, t.init(PARAMS))
+    t = through_aggregate(mtl.trimmed_mean(trim=1))
+    out, state = apply(t, tree, t.init(PARAMS))
     np.testing.assert_allclose(out["trunk"], trim_mean(tree["trunk"], 0.2, axis=0), rtol=1e-5)
     np.testing.assert_allclose(out["head"], tree["head"].sum(0), rtol=1e-5)
+    assert np.all(np.isnan(mtl.task_weights(state)))  # no task weights: documented NaN
     with pytest.raises(ValueError, match="trim"):
-        mtl.trimmed_mean(num_tasks=4, trim=2)
+        mtl.aggregate(mtl.trimmed_mean(trim=2), tasks=4, shared=True).init(PARAMS)
 
 
 def graddrop_numpy(leaf, uniform, leak):
@@ -47,24 +53,24 @@ def test_graddrop_matches_transcription_with_same_draws():
     tree = grads(1)
     key = jax.random.PRNGKey(4)
     leak = np.linspace(0.0, 0.4, K)
-    t = mtl.graddrop(num_tasks=K, key=key, leak=leak, shared=SHARED)
+    t = through_aggregate(mtl.graddrop(key=key, leak=leak))
     state = t.init(PARAMS)
     for _ in range(2):
-        _, sub = jax.random.split(state.key)
+        _, sub = jax.random.split(state.method_state.key)
         leaf_keys = jax.random.split(sub, 2)  # leaves in tree order: head, trunk
         out, state = apply(t, tree, state)
         uniform = np.asarray(jax.random.uniform(leaf_keys[1], (4, 3)), np.float64)
         ref = graddrop_numpy(tree["trunk"], uniform, leak)
         np.testing.assert_allclose(out["trunk"], ref, rtol=1e-5, atol=1e-6)
-    full_leak = mtl.graddrop(num_tasks=K, key=key, leak=1.0, shared=SHARED)
+    full_leak = through_aggregate(mtl.graddrop(key=key, leak=1.0))
     out, _ = apply(full_leak, tree, full_leak.init(PARAMS))
     np.testing.assert_allclose(out["trunk"], tree["trunk"].sum(0), rtol=1e-5)
     with pytest.raises(ValueError, match="leak"):
-        mtl.graddrop(num_tasks=K, key=key, leak=1.5)
+        mtl.graddrop(key=key, leak=1.5)
 
 
 def test_db_mtl_matches_transcription_over_steps():
-    t = mtl.db_mtl(num_tasks=K, shared=SHARED)
+    t = through_aggregate(mtl.db_mtl())
     state = t.init(PARAMS)
     buffer = np.zeros((K, 12))
     for step in range(1, 4):
@@ -84,7 +90,7 @@ def test_db_mtl_matches_transcription_over_steps():
 
 @pytest.mark.parametrize("warmup", [0, 2])
 def test_excess_mtl_matches_transcription(warmup):
-    t = mtl.excess_mtl(num_tasks=K, n_warmup_steps=warmup, shared=SHARED)
+    t = through_aggregate(mtl.excess_mtl(n_warmup_steps=warmup))
     state = t.init(PARAMS)
     squares, weights, baseline, warm_sum = np.zeros((K, 12)), np.full(K, 1 / K), None, 0
     for step in range(5):
@@ -104,13 +110,47 @@ def test_excess_mtl_matches_transcription(warmup):
             logits = np.log(weights) + scaled
             weights = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         np.testing.assert_allclose(out["trunk"].reshape(-1), weights @ g, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(mtl.task_weights(state), weights, rtol=1e-4, atol=1e-7)
 
 
-def test_chains_with_optax_and_task_gradients_wrapper():
+def test_chains_with_optax():
     params = {"trunk": jnp.ones((4, 3)), "head": jnp.ones(2)}
-    opt = optax.chain(mtl.trimmed_mean(num_tasks=K, trim=1, shared=SHARED), optax.sgd(0.1))
+    opt = optax.chain(through_aggregate(mtl.trimmed_mean(trim=1)), optax.sgd(0.1))
     tree = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), grads(3))
     updates, _ = opt.update(mtl.TaskGradients(tree), opt.init(params), params)
     assert jax.tree_util.tree_map(jnp.shape, updates) == jax.tree_util.tree_map(jnp.shape, params)
-    with pytest.raises(ValueError, match="task axis"):
-        opt.update({"trunk": jnp.ones((3, 4, 3)), "head": jnp.ones((3, 2))}, opt.init(params))
+
+
+@pytest.mark.parametrize("name", ["trimmed_mean", "graddrop", "db_mtl", "excess_mtl"])
+def test_stacked_methods_take_the_split_and_follow_the_head_rule(name):
+    """Through the split (no mask) each stacked method combines the encoder exactly as on the
+    masked full Jacobian, and each head gets c_i ∇L_i (c = 1, DB-MTL: 1/(L_i + eps))."""
+    from tests import models, zoo
+
+    k = models.K
+    params = models.init_separate_params(jax.random.PRNGKey(0))
+    batch = models.make_batch(jax.random.PRNGKey(1))
+    losses, split_grads = mtl.split_value_and_jacobian(models.encode, models.SEPARATE_HEADS)(
+        params, batch
+    )
+    task_losses = lambda p, b: jnp.stack(
+        [h(p, models.encode(p, b), b) for h in models.SEPARATE_HEADS]
+    )  # noqa: E731
+    _, full_grads = mtl.value_and_jacobian(task_losses)(params, batch)
+    split_t = mtl.aggregate(zoo.STACKED[name](k), tasks=k)
+    full_t = mtl.aggregate(zoo.STACKED[name](k), tasks=k, shared={"trunk": True, "heads": False})
+    ss, sf = split_t.init(params), full_t.init(params)
+    for _ in range(2):  # state carried: identical on both paths
+        us, ss = split_t.update(split_grads, ss, params, task_losses=losses)
+        uf, sf = full_t.update(full_grads, sf, params, task_losses=losses)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), us, uf
+        )
+    scale = 1.0 / (np.asarray(losses) + 1e-8) if name == "db_mtl" else np.ones(k)
+    for i in range(k):
+        own = jax.grad(lambda p, i=i: task_losses(p, batch)[i])(params)["heads"][i]
+        jax.tree_util.tree_map(
+            lambda u, g, i=i: np.testing.assert_allclose(u, scale[i] * g, rtol=1e-5, atol=1e-6),
+            us["heads"][i],
+            own,
+        )

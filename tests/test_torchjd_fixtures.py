@@ -60,9 +60,7 @@ WEIGHTINGS = {
     "Mean": (lambda k: mtl.mean_weighting(), "exact"),
     "Sum": (lambda k: mtl.sum_weighting(), "exact"),
 }
-STACKED = {
-    "TrimmedMean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=(k - 1) // 2 // 2 or 1, shared=True)
-}
+STACKED = {"TrimmedMean": lambda k: mtl.trimmed_mean(trim=(k - 1) // 2 // 2 or 1)}
 
 
 def rows():
@@ -72,13 +70,14 @@ def rows():
                 yield pytest.param(case, name, id=f"{case}-{name}")
 
 
-def run(transform, grads_sequence):
-    """Updates of a stacked ``transform`` over float32 Jacobians (state carried), jitted."""
+def run(method, grads_sequence):
+    """Updates of a stacked ``method`` over float32 Jacobians (state carried), jitted."""
     params = jnp.zeros(grads_sequence[0].shape[1], jnp.float32)
+    transform = mtl.aggregate(method, tasks=grads_sequence[0].shape[0], shared=True)
     state, outs = transform.init(params), []
     update = jax.jit(transform.update)
     for jac in grads_sequence:
-        u, state = update(jnp.asarray(jac, jnp.float32), state, params)
+        u, state = update(mtl.TaskGradients(jnp.asarray(jac, jnp.float32)), state, params)
         outs.append(np.asarray(u, np.float64))
     return outs
 
@@ -159,16 +158,14 @@ def sequence(name):
         (
             "seq_k2",
             "GradVac",
-            lambda k: mtl.aggregate(
-                mtl.gradvac(key=jax.random.PRNGKey(3)), num_tasks=k, shared=True
-            ),
+            lambda k: mtl.gradvac(key=jax.random.PRNGKey(3)),
         ),
-        ("seq_k2", "ExcessMTL", lambda k: mtl.excess_mtl(num_tasks=k, shared=True)),
-        ("seq_k3", "ExcessMTL", lambda k: mtl.excess_mtl(num_tasks=k, shared=True)),
+        ("seq_k2", "ExcessMTL", lambda k: mtl.excess_mtl()),
+        ("seq_k3", "ExcessMTL", lambda k: mtl.excess_mtl()),
         (
             "seq_k3",
             "ExcessMTL_warmup2",
-            lambda k: mtl.excess_mtl(num_tasks=k, n_warmup_steps=2, shared=True),
+            lambda k: mtl.excess_mtl(n_warmup_steps=2),
         ),
     ],
 )

@@ -1,62 +1,69 @@
-"""Tiers 1 and 2 (weighted_value_and_grad) against tier 3 and jax.grad."""
+"""Tiers 1 and 2 of the whole model (value_and_grad) against tier 3 and jax.grad."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mtl_optax as mtl
-from tests import models
+from tests import models, zoo
+
+K = models.K
+
+
+def setup(seed=0):
+    return models.init_params(jax.random.PRNGKey(seed)), models.make_batch(
+        jax.random.PRNGKey(seed + 1)
+    )
 
 
 def test_tier1_grads_equal_grad_of_weighted_sum():
-    params = models.init_params(jax.random.PRNGKey(0))
-    batch = models.make_batch(jax.random.PRNGKey(1))
-    weighting = mtl.constant_weighting([0.5, 2.0, 1.0])
-    out = jax.jit(mtl.weighted_value_and_grad(models.encode, models.heads, weighting))(
-        params, batch, weighting.init(models.K)
+    params, batch = setup()
+    grad_fn = mtl.value_and_grad(
+        models.task_losses, mtl.constant_weighting([0.5, 2.0, 1.0]), tasks=K, shared=models.SHARED
     )
+    losses, grads, state = jax.jit(grad_fn)(params, batch, grad_fn.init(params))
     expected = jax.grad(lambda p: jnp.array([0.5, 2.0, 1.0]) @ models.task_losses(p, batch))(params)
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out.grads, expected
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, expected
     )
-    np.testing.assert_allclose(out.losses, models.task_losses(params, batch), rtol=1e-6)
+    np.testing.assert_allclose(losses, models.task_losses(params, batch), rtol=1e-6)
+    np.testing.assert_allclose(mtl.task_weights(state), [0.5, 2.0, 1.0])
 
 
-def test_tier2_equals_tier3_when_z_is_the_shared_parameters():
-    """With encode(params) = shared params, the feature Gram is the parameter Gram."""
-    params = models.init_params(jax.random.PRNGKey(2))
-    batch = models.make_batch(jax.random.PRNGKey(3))
-
-    def encode(p, b):
-        return p["trunk"]
-
-    def heads(p, z, b):
-        return models.task_losses({"trunk": z, "heads": p["heads"]}, b)
-
-    for weighting in (mtl.mgda(), mtl.gradient_normalized(), mtl.primary_auxiliary(primary=1)):
-        tier2 = mtl.weighted_value_and_grad(encode, heads, weighting)(
-            params, batch, weighting.init(models.K)
-        )
-        losses, task_grads = mtl.value_and_jacobian(models.task_losses)(params, batch)
-        transform = mtl.aggregate(weighting, num_tasks=models.K, shared=models.SHARED)
-        updates, state = transform.update(
-            task_grads, transform.init(params), params, task_losses=losses
-        )
-        np.testing.assert_allclose(tier2.weights, state.weights, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(
-            tier2.grads["trunk"]["w"], updates["trunk"]["w"], rtol=1e-4, atol=1e-6
-        )
-
-
-def test_tier2_feature_gram_is_gram_of_feature_gradients():
-    params = models.init_params(jax.random.PRNGKey(4))
-    batch = models.make_batch(jax.random.PRNGKey(5))
-    z = models.encode(params, batch)
-    jz = jax.jacrev(lambda z_: models.heads(params, z_, batch))(z).reshape(models.K, -1)
-    weighting = mtl.mgda()
-    out = mtl.weighted_value_and_grad(models.encode, models.heads, weighting)(
-        params, batch, weighting.init(models.K)
+@pytest.mark.parametrize("name", sorted(n for n, m in zoo.WEIGHTINGS.items() if m(K).needs_gram))
+def test_bounded_whole_model_equals_value_and_jacobian_plus_aggregate(name):
+    """A Gram weighting gets the exact Gram of the shared leaves without the Jacobian."""
+    params, batch = setup(2)
+    weighting = zoo.WEIGHTINGS[name](K)
+    grad_fn = mtl.value_and_grad(
+        models.task_losses, weighting, tasks=K, shared=models.SHARED, chunk_size=2
     )
-    expected, _ = weighting.update(jz @ jz.T, None, weighting.init(models.K))
-    np.testing.assert_allclose(out.weights, expected, atol=1e-6)
-    assert bool(jnp.all(jnp.isfinite(out.weights)))
+    _, grads, state = jax.jit(grad_fn)(params, batch, grad_fn.init(params))
+    losses, task_grads = mtl.value_and_jacobian(models.task_losses)(params, batch)
+    transform = mtl.aggregate(weighting, tasks=K, shared=models.SHARED)
+    updates, expected = transform.update(
+        task_grads, transform.init(params), params, task_losses=losses
+    )
+    np.testing.assert_allclose(state.weights, expected.weights, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, updates
+    )
+
+
+def test_named_losses_and_errors():
+    params, batch = setup(4)
+    named = lambda p, b: dict(zip(models.NAMES, models.task_losses(p, b)))  # noqa: E731
+    grad_fn = mtl.value_and_grad(named, mtl.mean_weighting(), tasks=list(models.NAMES), shared=True)
+    _, _, state = grad_fn(params, batch, grad_fn.init(params))
+    assert list(mtl.task_weights(state)) == list(models.NAMES)
+    wrong = mtl.value_and_grad(named, mtl.mean_weighting(), tasks=["x", "y", "z"], shared=True)
+    with pytest.raises(ValueError, match=r"losses hold tasks \['a', 'b', 'c'\]"):
+        wrong(params, batch, wrong.init(params))
+    with pytest.raises(ValueError, match="needs `shared=`"):
+        mtl.value_and_grad(models.task_losses, mtl.mgda(), tasks=K)
+    with pytest.raises(TypeError, match="needs tier 3"):
+        mtl.value_and_grad(models.task_losses, mtl.db_mtl(), tasks=K, shared=True)
+    four = mtl.value_and_grad(models.task_losses, mtl.mean_weighting(), tasks=4, shared=True)
+    with pytest.raises(ValueError, match=r"tasks=4.*returned 3 losses"):
+        four(params, batch, four.init(params))

@@ -1,8 +1,9 @@
 """Every shipped method, built for K tasks: the registry the generic tests iterate over.
 
 Add each new weighting to ``WEIGHTINGS`` (name -> ``factory(num_tasks) -> Weighting``) and
-each direct aggregator on stacked gradients to ``STACKED`` (name -> ``factory(num_tasks)
--> optax.GradientTransformation``); the property, vmap and checkpoint tests pick them up.
+each method on stacked gradients to ``STACKED`` (name -> ``factory(num_tasks) ->
+StackedAggregator``); the property, vmap and checkpoint tests pick them up. Every entry runs
+through ``mtl.aggregate(METHODS[name](k), tasks=k, ...)``.
 """
 
 import jax
@@ -52,8 +53,10 @@ WEIGHTINGS = {
 }
 
 STACKED = {
-    "trimmed_mean": lambda k: mtl.trimmed_mean(num_tasks=k, trim=min(1, (k - 1) // 2), shared=True),
-    "graddrop": lambda k: mtl.graddrop(num_tasks=k, key=jax.random.PRNGKey(0), shared=True),
-    "db_mtl": lambda k: mtl.db_mtl(num_tasks=k, shared=True),
-    "excess_mtl": lambda k: mtl.excess_mtl(num_tasks=k, shared=True),
+    "trimmed_mean": lambda k: mtl.trimmed_mean(trim=min(1, (k - 1) // 2)),
+    "graddrop": lambda k: mtl.graddrop(key=jax.random.PRNGKey(0)),
+    "db_mtl": lambda k: mtl.db_mtl(),
+    "excess_mtl": lambda k: mtl.excess_mtl(),
 }
+
+METHODS = {**WEIGHTINGS, **STACKED}

@@ -57,6 +57,8 @@ class Weighting(NamedTuple):
     homogeneity: float | None = None
     # whether the heads get w_i ∇L_i (True) or ∇L_i (False); None: True iff needs_gram is False
     scalarization: bool | None = None
+    # the method's name in states and errors; None: that of the function defining `update`
+    name: str | None = None
 
 
 def scales_heads(weighting: Weighting) -> bool:

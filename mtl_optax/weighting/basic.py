@@ -61,9 +61,9 @@ def _uniform(value_for_k) -> Weighting:
 
 def mean_weighting() -> Weighting:
     """Equal weights ``w_i = 1/K``: the update is the mean of the task gradients."""
-    return _uniform(lambda k: 1.0 / k)
+    return _uniform(lambda k: 1.0 / k)._replace(name="mean_weighting")
 
 
 def sum_weighting() -> Weighting:
     """Unit weights ``w_i = 1``: the update is the sum of the task gradients."""
-    return _uniform(lambda k: 1.0)
+    return _uniform(lambda k: 1.0)._replace(name="sum_weighting")

@@ -147,7 +147,9 @@ def upgrad(
         weights, state = w.update(jac @ jac.T, None, w.init(2))
         # weights @ jac ≈ [0.2929, 1.9004, 1.9004]
     """
-    return _dual_cone_weighting("each", pref_vector, norm_eps, reg_eps, max_iters)
+    return _dual_cone_weighting("each", pref_vector, norm_eps, reg_eps, max_iters)._replace(
+        name="upgrad"
+    )
 
 
 def dualproj(
@@ -176,4 +178,6 @@ def dualproj(
         weights, state = w.update(jac @ jac.T, None, w.init(2))
         # weights @ jac ≈ [0.5563, 1.1109, 1.1109]
     """
-    return _dual_cone_weighting("one", pref_vector, norm_eps, reg_eps, max_iters)
+    return _dual_cone_weighting("one", pref_vector, norm_eps, reg_eps, max_iters)._replace(
+        name="dualproj"
+    )

@@ -114,7 +114,7 @@ def uncertainty_weighting(
         lambda s: 0.5 * jnp.exp(-s),
         optimizer,
         init,
-    )
+    )._replace(name="uncertainty_weighting")
 
 
 def imtl_l(*, optimizer: optax.GradientTransformation | None = None) -> Weighting:
@@ -139,7 +139,7 @@ def imtl_l(*, optimizer: optax.GradientTransformation | None = None) -> Weightin
         jnp.exp,
         optimizer,
         0.0,
-    )
+    )._replace(name="imtl_l")
 
 
 # --------------------------------------------------------------------------- GradNorm
@@ -222,7 +222,11 @@ def gradnorm(
 
     # The paper and LibMTL train every parameter on Σ w_i L_i: the heads get w_i ∇L_i too.
     weighting = Weighting(
-        init, update, needs_gram="diagonal", needs_losses=True, homogeneity=None,
+        init,
+        update,
+        needs_gram="diagonal",
+        needs_losses=True,
+        homogeneity=None,
         scalarization=True,
     )
     return weighting

@@ -201,7 +201,14 @@ def _inverse_reference(name: str, reference) -> Weighting:
         arguments.same_tasks(f"`{name}` losses", inverse, k)
         return finish(jnp.asarray(inverse, losses.dtype)), state
 
-    weighting = Weighting(init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
+    weighting = Weighting(
+        init,
+        update,
+        needs_gram=False,
+        needs_losses=True,
+        homogeneity=0.0,
+        name=f"{name}_loss_weighting",
+    )
     return weighting
 
 
@@ -296,4 +303,4 @@ def geometric_mean(*, eps: float = DEFAULT_EPS) -> Weighting:
         w = mtl.geometric_mean()
         weights, _ = w.update(None, jnp.array([1.0, 4.0]), w.init(2))  # [1, 0.25]
     """
-    return generalized_mean(gamma=0.0, eps=eps)
+    return generalized_mean(gamma=0.0, eps=eps)._replace(name="geometric_mean")
