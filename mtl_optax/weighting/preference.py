@@ -16,7 +16,10 @@ return ``w = ∂s/∂L``, so ``Σ w_i ∇L_i = ∇s`` (the gradient of the scala
   along ``r``), ``d₂ = ‖f − d₁ r̂‖`` (the distance to the line), ``s = d₁ + θ d₂``. Hence
   ``w = r̂ + θ p/√(‖p‖² + 1e-12)`` with ``p = f − d₁ r̂``: ``w − r̂ ⊥ r̂`` and ``‖w − r̂‖ → θ``
   off the line; on it (``p = 0``, e.g. one task) ``w = r̂``. The 1e-12 under the root is
-  torchjd's (it keeps ``d₂``'s gradient finite on the line).
+  torchjd's (it keeps ``d₂``'s gradient finite on the line). A ``p`` within rounding of
+  the line (``‖p‖ ≤ 4K·eps·‖f‖``, eps of the losses' dtype) counts as on it: in float32
+  the rounding noise of ``p`` (≈ 1e-7‖f‖) would otherwise come out as weights of size
+  ``θ/10`` in a random direction; in float64 the floor (≈ 1e-15‖f‖) changes nothing visible.
 
 Both are stateless and read only the losses (tier 1); their weights can be negative (COSMOS
 when ``λ/‖L‖`` is large, PBI when ``θ`` is). To learn a whole Pareto front, as in the COSMOS
@@ -180,6 +183,11 @@ def pbi(*, theta: float = 5.0, preference: Any = None, reference: Any = None) ->
         unit_r = r / jnp.linalg.norm(r)
         f = losses - z
         off_line = f - (f @ unit_r) * unit_r
+        off_line = off_line - (off_line @ unit_r) * unit_r  # twice: ⊥ r̂ to rounding
+        # an ``off_line`` at the rounding level of ``f`` is a point on the line (float32
+        # would otherwise turn its noise into weights of size θ through the 1e-12 smoothing)
+        noise = 4 * k * jnp.finfo(dtype).eps * jnp.linalg.norm(f)
+        off_line = jnp.where(jnp.linalg.norm(off_line) > noise, off_line, 0.0)
         weights = unit_r + theta * off_line / jnp.sqrt(off_line @ off_line + PBI_EPS)
         ok = valid_r & valid_z & jnp.all(jnp.isfinite(losses))
         return finish(jnp.where(ok, weights, jnp.nan)), state
