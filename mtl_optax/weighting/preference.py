@@ -8,8 +8,10 @@ return ``w = ∂s/∂L``, so ``Σ w_i ∇L_i = ∇s`` (the gradient of the scala
   Multi-Objective Learning", ICDM 2021): ``s = rᵀL − λ cos(r, L)``, a linear scalarization
   rewarded for pointing ``L`` along ``r``. ``∂cos/∂L = (r̂ − cos·L̂)/‖L‖`` is orthogonal to
   ``L``, so ``(w − r)ᵀL = 0`` and ``‖w − r‖ = λ sin∠(r, L)/‖L‖``: the cosine term grows like
-  ``1/‖L‖`` as the losses approach 0 and then dominates (norms below 1e-8 count as 1e-8, as in
-  ``torch.nn.functional.cosine_similarity``, which the authors' code and torchjd use).
+  ``1/‖L‖`` as the losses approach 0 and then dominates. Norms below 1e-8 count as 1e-8 in
+  value while the norm's derivative stays ``L/‖L‖`` (0 at ``L = 0``): exactly the gradient
+  autograd takes through ``torch.nn.functional.cosine_similarity``, which the authors' code
+  and torchjd use (so ``L = 0`` gives ``w = r − λ r̂·1e8``, as there).
 * **PBI** (penalty-based boundary intersection; Zhang & Li, "MOEA/D: A Multiobjective
   Evolutionary Algorithm Based on Decomposition", IEEE TEVC 2007): with ``f = L − z*`` (``z*``
   the reference point, the origin by default) and ``r̂ = r/‖r‖``, ``d₁ = fᵀr̂`` (the distance
