@@ -113,8 +113,9 @@ def cr_mogm(
     ``cr_mogm(mtl.upgrad())``); torchjd's ``alpha`` setter between calls is a schedule here.
 
     Checked in ``tests/test_smoothing.py`` against torchjd 0.18's ``CRMOGMWeighting``
-    (wrapping UPGrad and DualProj, with and without ``initial_weights``)
-    over several calls, and against the EMA of the wrapped weighting's own outputs.
+    (wrapping UPGrad and DualProj, with and without ``initial_weights``) over several calls,
+    and against the EMA of the wrapped weighting's own outputs (stateful Gram and loss
+    weightings, schedules, forwarded ``cross_gram``).
 
     Example::
 
@@ -147,7 +148,8 @@ def cr_mogm(
     def update(gram, losses, state, **extra):
         if not isinstance(state, CRMOGMState):
             raise TypeError(
-                f"cr_mogm's update needs the state from its own init, got {type(state).__name__}."
+                f"cr_mogm's update needs the state from its own init, got {type(state).__name__} "
+                "(a checkpoint restored without a target gives a dict: restore with a target)."
             )
         fresh, inner = weighting.update(gram, losses, state.inner, **extra)
         arguments.same_tasks("state", state.weights, jnp.shape(fresh)[0])
