@@ -61,6 +61,9 @@ PROPERTIES = {
     "krum": (False, True, True, False, False),
     "sdmgrad": (False, True, True, False, True),
     "modo": (False, False, True, False, True),
+    "cr_mogm": (False, True, True, False, True),  # past weights on current gradients
+    "cosmos": (False, True, True, False, False),
+    "pbi": (False, True, True, False, False),
     "trimmed_mean": (False, True, True, False, False),
     "graddrop": (False, True, False, True, True),
     "db_mtl": (False, True, True, False, True),

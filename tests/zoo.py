@@ -50,6 +50,10 @@ WEIGHTINGS = {
     "krum": lambda k: mtl.krum(n_byzantine=max(k - 3, 0) // 2),
     "sdmgrad": lambda k: mtl.sdmgrad(),
     "modo": lambda k: mtl.modo(),
+    # from uniform weights, so the first call already mixes in weights of another Gram
+    "cr_mogm": lambda k: mtl.cr_mogm(mtl.upgrad(reg_eps=0.0), initial_weights=np.full(k, 1.0 / k)),
+    "cosmos": lambda k: mtl.cosmos(),
+    "pbi": lambda k: mtl.pbi(),
 }
 
 STACKED = {

@@ -30,12 +30,15 @@ from mtl_optax.weighting.loss_scale import (
 )
 from mtl_optax.weighting.min_norm import MinNormState, mgda, primary_auxiliary
 from mtl_optax.weighting.normalized import gradient_normalized
+from mtl_optax.weighting.preference import cosmos, pbi
 from mtl_optax.weighting.projection import GradVacState, RandomOrderState, gradvac, pcgrad
 from mtl_optax.weighting.randomized import RandomWeightingState, random_weighting, rlw
 from mtl_optax.weighting.robust import krum
+from mtl_optax.weighting.smoothing import CRMOGMState, cr_mogm
 from mtl_optax.weighting.two_batch import SimplexWeightsState, cross_task_gram, modo, sdmgrad
 
 __all__ = [
+    "CRMOGMState",
     "DWAState",
     "DualConeState",
     "EmptyWeightingState",
@@ -53,6 +56,8 @@ __all__ = [
     "cagrad",
     "config",
     "constant_weighting",
+    "cosmos",
+    "cr_mogm",
     "cross_entropy_initial_loss",
     "cross_entropy_prior_loss",
     "cross_task_gram",
@@ -73,6 +78,7 @@ __all__ = [
     "mgda",
     "modo",
     "nash_mtl",
+    "pbi",
     "pcgrad",
     "primary_auxiliary",
     "prior_loss_weighting",
