@@ -14,11 +14,13 @@ from mtl_optax.stacked import (
     DBMTLState,
     ExcessMTLState,
     GradDropState,
+    MoCoState,
     StackedAggregator,
     TrimmedMeanState,
     db_mtl,
     excess_mtl,
     graddrop,
+    moco,
     trimmed_mean,
 )
 from mtl_optax.state import AggregateState, task_weights

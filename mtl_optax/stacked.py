@@ -16,6 +16,9 @@ used exactly like every other method, through :func:`mtl_optax.aggregate`
 * :func:`excess_mtl` (He et al., 2024, "Robust Multi-Task Learning with Excess Risks"):
   exponentiated-gradient weights from AdaGrad-style excess-risk estimates, which need the
   per-coordinate squared gradients (state shaped like the shared parameters, times K).
+* :func:`moco` (Fernando et al., 2023, "Mitigating Gradient Bias in Multi-objective
+  Learning"): tracked (averaged, loss-scaled) task gradients, combined with weights from
+  their Gram.
 
 A ``StackedAggregator`` is a pair of pure functions:
 
@@ -42,8 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_optax.gram import task_gram
 from mtl_optax.weighting.base import check_num_tasks
 from mtl_optax.weighting.hyper import check_int, check_key, check_real
+from mtl_optax.weighting.tracking import MoCoWeightsState, moco_weights
 
 
 class StackedAggregator(NamedTuple):
@@ -335,3 +340,76 @@ def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> Sta
         return combined, weights, _ones(k), new_state
 
     return StackedAggregator(init, update, has_weights=True)
+
+
+class MoCoState(NamedTuple):
+    count: jax.Array  # int32 calls so far
+    tracked: tuple  # per leaf: (K, *shape) tracked gradients y (shared), (0,) otherwise
+    weights: MoCoWeightsState  # the weight step's state (λ and its own count)
+
+
+def moco(
+    *,
+    beta: float = 0.5,
+    beta_sigma: float = 0.5,
+    gamma: float = 0.1,
+    gamma_sigma: float = 0.5,
+    rho: float = 0.0,
+) -> StackedAggregator:
+    """MoCo: tracked task gradients combined by weights from their Gram (needs ``task_losses=``).
+
+    Call t (from 1): ``ĝ_i = L_i g_i / (‖g_i‖ + 1e-8)`` (norm over all shared leaves);
+    tracked gradients ``y_i ← y_i − β_t (y_i − ĝ_i)``, ``β_t = β/t^{β_σ}`` (state, init 0);
+    weights ``λ ← softmax(λ − γ_t (Y Yᵀ + ρI) λ)``, ``γ_t = γ/t^{γ_σ}`` (init ``1/K``); shared
+    update ``Σ_i λ_i y_i``. Heads get ``∇L_i`` (LibMTL's per-task backward passes); the
+    weights ``λ`` are reported by ``task_weights``.
+
+    Args:
+      beta, beta_sigma: tracking rate ``β/t^{β_σ}`` (0.5 and 0.5, LibMTL's defaults).
+      gamma, gamma_sigma: weight step ``γ/t^{γ_σ}`` (0.1 and 0.5, LibMTL's).
+      rho: ℓ2 regularisation of the weights (0, LibMTL's).
+
+    Follows LibMTL (commit 4336804), the reference implementation; not linear under gradient
+    scaling (the ``1e-8`` and the absolute weight step) and stateful. Checked in
+    ``tests/test_tracking.py`` against LibMTL's MoCo run on the same gradients and losses
+    (updates, weights and tracked gradients over 6 steps, K = 2 and 3).
+
+    Example::
+
+        opt = optax.chain(mtl.aggregate(mtl.moco(), tasks=K), optax.adam(1e-3))
+        updates, s = opt.update(task_grads, s, params, task_losses=losses)
+    """
+    beta = check_real("beta", beta, low=0.0, high=1.0, low_open=True)
+    beta_sigma = check_real("beta_sigma", beta_sigma, low=0.0)
+    weight_step = moco_weights(gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
+
+    def init(num_tasks, shapes):
+        k = check_num_tasks(num_tasks)
+        return MoCoState(jnp.zeros((), jnp.int32), _per_leaf_zeros(k, shapes), weight_step.init(k))
+
+    def update(leaves, losses, state, **extra):
+        del extra
+        check_losses(losses, "moco")
+        k = losses.shape[0]
+        count = state.count + 1
+        rate = beta / count.astype(jnp.float32) ** beta_sigma
+        used = [x.astype(accumulation_dtype(x)) for x in leaves if x is not None]
+        norms = jnp.sqrt(sum(jnp.sum(x.reshape(k, -1) ** 2, axis=1) for x in used))
+        scale = jnp.asarray(losses, jnp.float32) / (norms + 1e-8)
+        tracked = []
+        for leaf, old in zip(leaves, state.tracked):
+            if leaf is None:
+                tracked.append(old)
+                continue
+            leaf = leaf.astype(accumulation_dtype(leaf))
+            target = leaf * scale.astype(leaf.dtype).reshape((k,) + (1,) * (leaf.ndim - 1))
+            tracked.append(old - rate.astype(old.dtype) * (old - target))
+        gram = task_gram([y for leaf, y in zip(leaves, tracked) if leaf is not None])
+        weights, weights_state = weight_step.update(gram, None, state.weights)
+        combined = [
+            None if leaf is None else jnp.tensordot(weights.astype(y.dtype), y, axes=1)
+            for leaf, y in zip(leaves, tracked)
+        ]
+        return combined, weights, _ones(k), MoCoState(count, tuple(tracked), weights_state)
+
+    return StackedAggregator(init, update, needs_losses=True, has_weights=True)

@@ -68,6 +68,7 @@ PROPERTIES = {
     "graddrop": (False, True, False, True, True),
     "db_mtl": (False, True, True, False, True),
     "excess_mtl": (False, False, True, False, True),
+    "moco": (False, False, True, False, True),
 }
 NAMES = list(zoo.WEIGHTINGS) + list(zoo.STACKED)
 NON_CONFLICTING, LINEAR, EQUIVARIANT, RANDOM, STATEFUL = range(5)

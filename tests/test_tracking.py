@@ -1,4 +1,5 @@
-"""MoCo's weight step (``moco_weights``) against LibMTL's MoCo (commit 4336804).
+"""MoCo (``mtl.moco``) and its weight step (``moco_weights``) against LibMTL's MoCo
+(commit 4336804).
 
 Fixtures from ``tests/fixtures/make_new_method_fixtures.py``: LibMTL's ``MoCo.backward`` run
 on prescribed task gradients and losses, its weights ``λ_t``, tracked gradients ``y_t`` and
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mtl_optax as mtl
 from mtl_optax.weighting.tracking import MoCoWeightsState, moco_weights
 
 FIXTURES = np.load(pathlib.Path(__file__).parent / "fixtures" / "new_methods.npz")
@@ -48,6 +50,35 @@ def test_documented_tracking_reproduces_libmtl(seq):
         target = jac / (np.linalg.norm(jac, axis=1, keepdims=True) + 1e-8) * loss[:, None]
         y = y - BETA / t**BETA_SIGMA * (y - target)
         np.testing.assert_allclose(y, FIXTURES[f"moco/{seq}/y"][t - 1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("seq", SEQUENCES)
+def test_moco_through_aggregate_matches_libmtl(seq):
+    """The whole method on the stacked gradients: updates, weights and tracked gradients."""
+    jacs, losses = FIXTURES[f"moco/{seq}/J"], FIXTURES[f"moco/{seq}/losses"]
+    k, dim = jacs.shape[1:]
+    params = jnp.zeros(dim, jnp.float32)
+    transform = mtl.aggregate(mtl.moco(), tasks=k, shared=True)
+    state, update = transform.init(params), jax.jit(transform.update)
+    for t, (jac, loss) in enumerate(zip(jacs, losses)):
+        u, state = update(
+            mtl.TaskGradients(jnp.asarray(jac, jnp.float32)),
+            state,
+            params,
+            task_losses=jnp.asarray(loss, jnp.float32),
+        )
+        ref = FIXTURES[f"moco/{seq}/update"][t]
+        np.testing.assert_allclose(u, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+        np.testing.assert_allclose(
+            mtl.task_weights(state), FIXTURES[f"moco/{seq}/lambda"][t], rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            state.method_state.tracked[0], FIXTURES[f"moco/{seq}/y"][t], rtol=1e-4, atol=1e-7
+        )
+    with pytest.raises(ValueError, match="moco needs the task losses"):
+        transform.update(
+            mtl.TaskGradients(jnp.asarray(jacs[0], jnp.float32)), transform.init(params), params
+        )
 
 
 def test_regularisation_and_step_decay():

@@ -61,6 +61,7 @@ STACKED = {
     "graddrop": lambda k: mtl.graddrop(key=jax.random.PRNGKey(0)),
     "db_mtl": lambda k: mtl.db_mtl(),
     "excess_mtl": lambda k: mtl.excess_mtl(),
+    "moco": lambda k: mtl.moco(),
 }
 
 METHODS = {**WEIGHTINGS, **STACKED}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_optax.weighting import arguments
-from mtl_optax.weighting.base import Weighting, check_num_tasks, finish
+from mtl_optax.weighting.base import Weighting, check_num_tasks, finish, scales_heads
 from mtl_optax.weighting.hyper import check_real
 
 
@@ -171,4 +171,5 @@ def cr_mogm(
         needs_gram=weighting.needs_gram,
         needs_losses=weighting.needs_losses,
         homogeneity=homogeneity,
+        scalarization=scales_heads(weighting),  # the heads follow the wrapped method's rule
     )
