@@ -51,6 +51,7 @@ from mtl_optax.state import (
     check_state,
     check_tasks,
     method_name,
+    state_type,
 )
 from mtl_optax.task_gradients import (
     NONE,
@@ -335,13 +336,9 @@ def check_task_losses(task_losses, num_tasks: int):
 
 
 def new_state(method, num_tasks: int, names, method_state) -> AggregateState:
-    return AggregateState(
-        jnp.zeros(num_tasks, jnp.float32),
-        method_state,
-        names=names,
-        method=method_name(method),
-        has_weights=isinstance(method, Weighting) or method.has_weights,
-    )
+    has_weights = isinstance(method, Weighting) or method.has_weights
+    cls = state_type(method_name(method), names, has_weights)
+    return cls(jnp.zeros(num_tasks, jnp.float32), method_state)
 
 
 def aggregate(
@@ -388,8 +385,7 @@ def aggregate(
         updates, weights, method_state = combine(
             method, view.leaves, roles, losses, state.method_state, **extra
         )
-        return jax.tree_util.tree_unflatten(view.treedef, updates), state.replace(
-            weights, method_state
-        )
+        state = state._replace(weights=weights, method_state=method_state)
+        return jax.tree_util.tree_unflatten(view.treedef, updates), state
 
     return optax.GradientTransformationExtraArgs(init, update)

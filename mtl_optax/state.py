@@ -13,7 +13,7 @@ error instead of being read as this one's.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,48 +22,38 @@ import numpy as np
 from mtl_optax.weighting.base import Weighting, check_num_tasks
 
 
-@jax.tree_util.register_pytree_with_keys_class
-class AggregateState:
+class AggregateState(NamedTuple):
     """``weights`` (K,) float32, the last task weights; ``method_state``, the method's own.
 
-    Static: ``names`` (the task names or ``None``), ``method`` (the method's name) and
-    ``has_weights`` (False for methods that combine gradients coordinate by coordinate:
-    :func:`task_weights` then reports NaN).
+    A NamedTuple, so flax serialization, orbax and ``nnx.Optimizer`` handle it like any optax
+    state. Each (method, task names) pair gets its own subclass (:func:`state_type`) whose
+    class attributes say ``method`` (the method's name), ``names`` (the task names or
+    ``None``) and ``has_weights`` (False for methods that combine gradients coordinate by
+    coordinate: :func:`task_weights` then reports NaN); they are static, part of the
+    pytree's type.
     """
 
-    def __init__(self, weights, method_state, *, names=None, method="", has_weights=True):
-        self.weights = weights
-        self.method_state = method_state
-        self.names = names
-        self.method = method
-        self.has_weights = has_weights
+    weights: jax.Array
+    method_state: Any
+    method = ""
+    names = None
+    has_weights = True
 
-    def tree_flatten_with_keys(self):
-        children = (
-            (jax.tree_util.GetAttrKey("weights"), self.weights),
-            (jax.tree_util.GetAttrKey("method_state"), self.method_state),
+
+_STATE_TYPES: dict = {}
+
+
+def state_type(method: str, names: tuple | None, has_weights: bool) -> type:
+    """The :class:`AggregateState` subclass of one method and set of task names (cached, so
+    equal configurations give equal pytree types)."""
+    key = (method, names, has_weights)
+    if key not in _STATE_TYPES:
+        _STATE_TYPES[key] = type(
+            "AggregateState",
+            (AggregateState,),
+            {"method": method, "names": names, "has_weights": has_weights, "__slots__": ()},
         )
-        return children, (self.names, self.method, self.has_weights)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        names, method, has_weights = aux
-        return cls(*children, names=names, method=method, has_weights=has_weights)
-
-    def replace(self, weights, method_state) -> AggregateState:
-        return AggregateState(
-            weights,
-            method_state,
-            names=self.names,
-            method=self.method,
-            has_weights=self.has_weights,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"AggregateState(method={self.method!r}, names={self.names}, "
-            f"weights={self.weights!r}, method_state={self.method_state!r})"
-        )
+    return _STATE_TYPES[key]
 
 
 def method_name(method: Any) -> str:

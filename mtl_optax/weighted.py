@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl_optax.state import AggregateState, check_method, check_state, method_name
+from mtl_optax.state import AggregateState, check_method, check_state, method_name, state_type
 from mtl_optax.weighting.base import Weighting
 
 
@@ -51,23 +51,22 @@ class WeightedGradFunction:
     """``init(params) -> state`` and ``__call__(params, batch, state, **extra) ->
     WeightedGrads`` for a tier-1/2 entry point (see the module docstring).
 
-    ``extra`` keyword arguments go to the weighting (unknown ones are ignored).
+    ``extra`` keyword arguments go to the weighting (unknown ones are ignored). ``init`` is an
+    attribute of the instance, so ``jax.jit(grad_fn).init`` exists too.
     """
 
     def __init__(self, method: Weighting, init: Callable, step: Callable, entry: str):
         self.method = method
-        self._init = init
         self._step = step
         self._entry = entry
 
-    def init(self, params: Any) -> AggregateState:
-        num_tasks, names = self._init(params)
-        return AggregateState(
-            jnp.zeros(num_tasks, jnp.float32),
-            self.method.init(num_tasks),
-            names=names,
-            method=method_name(self.method),
-        )
+        def init_state(params: Any) -> AggregateState:
+            """The initial state: zero weights and the method's own initial state."""
+            num_tasks, names = init(params)
+            cls = state_type(method_name(method), names, True)
+            return cls(jnp.zeros(num_tasks, jnp.float32), method.init(num_tasks))
+
+        self.init = init_state
 
     def __call__(self, params: Any, batch: Any, state: AggregateState, **extra) -> WeightedGrads:
         state = check_state(state, self.method, None, self._entry)
@@ -85,4 +84,6 @@ class WeightedGradFunction:
                 f"model gives {jnp.shape(losses)[0]} losses; make the state with init(params)."
             )
         weights, grads = poison(losses, (jax.lax.stop_gradient(weights).astype(jnp.float32), grads))
-        return WeightedGrads(losses, grads, state.replace(weights, method_state))
+        return WeightedGrads(
+            losses, grads, state._replace(weights=weights, method_state=method_state)
+        )

@@ -74,3 +74,55 @@ def test_checkpoint_restores_and_resumes_bit_identically(name, tmp_path):
     for restored in (from_flax, from_orbax):
         assert_identical(restored, saved)
         assert_identical(run(step, restored, batches[STEPS_BEFORE:]), uninterrupted)
+
+
+def test_nnx_model_and_optimizer_resume_bit_identically_with_orbax(tmp_path):
+    """nnx: the model (with its dropout RNG) and nnx.Optimizer (holding aggregate's state)
+    saved with orbax as nnx.state, restored into fresh objects, resume bit for bit."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import mtl_optax.flax_nnx as mtl_nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(5, 8, rngs=rngs)
+            self.dropout = nnx.Dropout(0.2, rngs=rngs)
+            self.heads = nnx.Linear(8, K, rngs=rngs)
+
+    def make():
+        model = Model(nnx.Rngs(0, dropout=1))
+        tx = optax.chain(mtl.aggregate(mtl.upgrad(), tasks=list(models.NAMES)), optax.adam(1e-2))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    heads = {
+        name: lambda m, z, b, i=i: jnp.mean((m.heads(z)[:, i] - b[1][:, i]) ** 2)
+        for i, name in enumerate(models.NAMES)
+    }
+    jac = mtl_nnx.split_value_and_jacobian(lambda m, b: m.dropout(nnx.relu(m.encoder(b[0]))), heads)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        losses, task_grads = jac(model, batch)
+        optimizer.update(model, task_grads, task_losses=losses)
+        return losses
+
+    batches = [models.make_batch(jax.random.PRNGKey(i)) for i in range(6)]
+    model, optimizer = make()
+    for batch in batches[:3]:
+        step(model, optimizer, batch)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "nnx", {"model": nnx.state(model), "opt": nnx.state(optimizer)})
+    checkpointer.wait_until_finished()
+    model2, optimizer2 = make()
+    target = {"model": nnx.state(model2), "opt": nnx.state(optimizer2)}
+    restored = checkpointer.restore(tmp_path / "nnx", target)
+    checkpointer.close()
+    nnx.update(model2, restored["model"])
+    nnx.update(optimizer2, restored["opt"])
+    assert mtl.task_weights(optimizer2) == mtl.task_weights(optimizer)
+    for batch in batches[3:]:
+        np.testing.assert_array_equal(
+            step(model, optimizer, batch), step(model2, optimizer2, batch)
+        )
+    assert_identical(nnx.state(model2), nnx.state(model))
