@@ -13,11 +13,7 @@ from tests import models, zoo
 
 K = models.K
 GRAM_WEIGHTINGS = {name: make(K) for name, make in zoo.WEIGHTINGS.items() if make(K).needs_gram}
-# Plain Frank-Wolfe stops after 250 iterations, sublinearly converged on a face of the
-# simplex (its documented limitation): its weights carry an error of ~1e-4 that turns the
-# float32 rounding differences of two gradient paths into ~1e-4 differences. Every other
-# method is compared at 1e-5.
-RTOL = {"mgda_frank_wolfe": 1e-3}
+
 FORMS = {
     "sequence": (models.init_params, models.HEADS),
     "dict": (models.init_params, models.NAMED_HEADS),
@@ -108,7 +104,7 @@ def test_aggregate_of_the_split_needs_no_mask_and_equals_the_masked_full_jacobia
         mtl.constant_weighting([0.5, 2.0, 1.0]) if name == "constant" else GRAM_WEIGHTINGS[name]
     )
     (ua, sa), (ub, sb) = both_paths(weighting, params, batch, heads)
-    rtol = RTOL.get(name, 1e-5)
+    rtol = zoo.PATH_RTOL.get(name, 1e-5)
     np.testing.assert_allclose(sa.weights, sb.weights, rtol=rtol, atol=1e-6)
     assert_tree_close(ua, ub, rtol=rtol, atol=1e-6)
 

@@ -45,9 +45,10 @@ def test_bounded_whole_model_equals_value_and_jacobian_plus_aggregate(name):
     updates, expected = transform.update(
         task_grads, transform.init(params), params, task_losses=losses
     )
-    np.testing.assert_allclose(state.weights, expected.weights, rtol=1e-5, atol=1e-6)
+    rtol = zoo.PATH_RTOL.get(name, 1e-5)
+    np.testing.assert_allclose(state.weights, expected.weights, rtol=rtol, atol=1e-6)
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, updates
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=10 * rtol, atol=1e-6), grads, updates
     )
 
 
