@@ -32,7 +32,7 @@ WEIGHTINGS = {
     "gradnorm": lambda k: mtl.gradnorm(),
     "famo": lambda k: mtl.famo(),
     "dwa": lambda k: mtl.dwa(window=2),
-    "stch": lambda k: mtl.stch(warmup=2),
+    "stch": lambda k: mtl.stch(warmup=1, nadir_steps=1),
     "random": lambda k: mtl.random_weighting(key=jax.random.PRNGKey(0)),
     "upgrad": lambda k: mtl.upgrad(reg_eps=0.0),  # exact dual-cone projections (no ridge)
     "dualproj": lambda k: mtl.dualproj(reg_eps=0.0),

@@ -51,6 +51,18 @@ def positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def non_negative_int(name: str, value: Any) -> int:
+    """A Python int ≥ 0 (not a bool): warm-up lengths that may be empty."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be a Python int, got {value!r} ({type(value).__name__}); it fixes "
+            "a number of steps, so it cannot be an array or a float."
+        )
+    if value < 0:
+        raise ValueError(f"`{name}` must be ≥ 0, got {value}.")
+    return int(value)
+
+
 def optimizer(value: Any) -> optax.GradientTransformation:
     """An optax ``GradientTransformation`` (anything with ``init`` and ``update``)."""
     if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
