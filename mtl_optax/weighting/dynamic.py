@@ -49,8 +49,13 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
         more uniform.
       window: steps per averaging window (default 100; the paper averages over an epoch).
       eps: window means below ``eps`` count as ``eps`` (zero losses give finite weights).
-        The losses are expected to be positive, as in the paper (the ratio is a descent
-        rate); torchjd also accepts consistently negative losses, this version does not.
+
+    Negative losses are an error (NaN weights under ``jit``, the state unchanged): the
+    ratio is a descent rate of positive losses, as in the paper (torchjd also accepts
+    consistently negative losses; this version does not).
+
+    Defaults follow the authors' code (lorenmt/mtan: T = 2, ``w = K·softmax``, ``w = 1``
+    for the first two epochs), as do LibMTL and torchjd; their window is an epoch.
 
     The weights of a call come from the complete windows before it; the call's losses are
     then added to the current window. Until two windows are complete ``w = 1``.
@@ -76,6 +81,7 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
         del extra
         k, _, losses = check_inputs(weighting, gram, losses)
         arguments.same_tasks("state", state.window_sum, k)
+        valid = arguments.non_negative(losses, method="dwa", reason="divides mean task losses")
         rate = jnp.maximum(state.last, eps) / jnp.maximum(state.before_last, eps)
         ready = state.windows >= 2
         weights = jnp.where(
@@ -92,7 +98,7 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
             before_last=jnp.where(full, state.last, state.before_last),
             windows=state.windows + full,
         )
-        ok = jnp.all(jnp.isfinite(losses))
+        ok = jnp.all(valid & jnp.isfinite(losses))
         weights = jnp.where(ok, weights, jnp.nan)
         return finish(weights.astype(losses.dtype)), arguments.unless_bad(ok, new_state, state)
 
