@@ -50,9 +50,14 @@ def check_int(name: str, value: Any, *, low: int = 0) -> int:
 
 def check_key(key: Any) -> jax.Array:
     """A JAX PRNG key: a typed key (``jax.random.key``) or a raw uint32 (2,) ``PRNGKey``."""
+    if key is None:
+        raise TypeError(
+            "`key` is required: pass a JAX PRNG key such as key=jax.random.PRNGKey(0); random "
+            "methods keep it in their state and split it at every step."
+        )
     try:
         array = jax.numpy.asarray(key)
-    except TypeError:
+    except (TypeError, ValueError):
         array = None
     if array is not None and jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
         if array.shape == ():
