@@ -145,3 +145,25 @@ def test_non_symmetric_gram_is_an_error_eagerly_and_nan_under_jit(name):
     rounding = GRAM.at[0, 1].add(1e-7)  # asymmetry at rounding level is accepted
     weights, _ = call(weighting, rounding, LOSSES, jit=True)
     assert bool(jnp.all(jnp.isfinite(weights))), (name, weights)
+
+
+def test_db_mtl_rejects_eps_zero_and_negative_losses():
+    """``log(L_i + eps)``: eps = 0 is rejected when built; a loss ≤ −eps raises when
+    concrete and gives a NaN update (state unchanged) under ``jit``."""
+    for bad in (0, 0.0, -1e-8):
+        with pytest.raises(ValueError, match="eps.*> 0"):
+            mtl.db_mtl(eps=bad)
+    transform = mtl.aggregate(mtl.db_mtl(), tasks=K, shared=True)
+    params = jnp.zeros(4)
+    grads = mtl.TaskGradients(jnp.asarray(np.random.default_rng(0).normal(size=(K, 4))))
+    negative = LOSSES.at[0].set(-0.5)
+    with pytest.raises(ValueError, match="db_mtl takes log.*Shift the losses"):
+        transform.update(grads, transform.init(params), params, task_losses=negative)
+    state = transform.init(params)
+    u, new_state = jax.jit(transform.update)(grads, state, params, task_losses=negative)
+    assert bool(jnp.all(jnp.isnan(u)))
+    for old, new in zip(
+        jax.tree_util.tree_leaves(state.method_state),
+        jax.tree_util.tree_leaves(new_state.method_state),
+    ):
+        np.testing.assert_array_equal(old, new)

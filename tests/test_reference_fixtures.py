@@ -368,3 +368,35 @@ def test_random_weighting_has_libmtl_s_distribution():
     se = np.sqrt(theirs.var(0) / len(theirs) + ours.var(0) / len(ours))
     assert np.all(np.abs(theirs.mean(0) - ours.mean(0)) <= 5 * se)
     assert np.all(np.abs(theirs.std(0) - ours.std(0)) <= 0.1 * theirs.std(0))
+
+
+# --------------------------------------------------------------------------- stacked methods
+def run_stacked(method, jacs, losses=None):
+    """Updates of ``method`` through ``aggregate`` (one shared parameter vector, float64)."""
+    with jax.enable_x64(True):
+        transform = mtl.aggregate(method, tasks=jacs.shape[1], shared=True)
+        params = jnp.zeros(jacs.shape[2])
+        state, update, outs = transform.init(params), jax.jit(transform.update), []
+        for t, jac in enumerate(jacs):
+            extra = {} if losses is None else {"task_losses": jnp.asarray(losses[t])}
+            u, state = update(mtl.TaskGradients(jnp.asarray(jac)), state, params, **extra)
+            outs.append((np.asarray(u), np.asarray(mtl.task_weights(state))))
+    return np.stack([u for u, _ in outs]), np.stack([w for _, w in outs])
+
+
+@pytest.mark.parametrize(
+    ("key", "sigma"), [("libmtl/seq/DB_MTL", None), ("libmtl/seq/DB_MTL_sigma0.5", 0.5)]
+)
+def test_db_mtl_matches_libmtl(key, sigma):
+    """Defaults = LibMTL's configuration (β = 0.9, σ = 0); σ = 0.5 through the keyword."""
+    method = mtl.db_mtl() if sigma is None else mtl.db_mtl(beta_sigma=sigma)
+    u, _ = run_stacked(method, F["seq_k3/J"], F["seq_k3/losses"])
+    np.testing.assert_allclose(u, F[key], rtol=1e-6)
+
+
+def test_excess_mtl_matches_the_authors_code_in_libmtl():
+    """Defaults = the authors' code (LibMTL's copy): step 1e-2, weights from 1 (sum K), no
+    update at the first call; the same weights and updates step by step."""
+    u, weights = run_stacked(mtl.excess_mtl(), F["seq_k3/J"])
+    np.testing.assert_allclose(weights, F["libmtl/seq/ExcessMTL/weights"], rtol=1e-6)
+    np.testing.assert_allclose(u, F["libmtl/seq/ExcessMTL"], rtol=1e-6)
