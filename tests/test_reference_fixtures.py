@@ -153,7 +153,7 @@ def test_mgda_against_libmtl_frank_wolfe(normalization):
     meets, and ours has the smaller norm (it is the minimum)."""
     name = {"none": "MGDA", "l2": "MGDA_l2", "loss+": "MGDA_loss+"}[normalization]
     early = 0
-    for case in K3 + ["lowrank_k4"]:
+    for case in K3 + (["lowrank_k4"] if normalization == "none" else []):
         jac, losses = jac_of(case), losses_of(case)
         scale = np.ones(len(jac))
         if normalization in ("l2", "loss+"):
@@ -168,7 +168,8 @@ def test_mgda_against_libmtl_frank_wolfe(normalization):
         else:
             early += 1
             assert np.linalg.norm(u) <= np.linalg.norm(ref) * (1 + 1e-6), case
-    assert early >= 1  # the rank-deficient case: LibMTL stops at ‖u‖ ≈ 1e-5, not at 0
+    if normalization == "none":
+        assert early >= 1  # the rank-deficient case: LibMTL stops at ‖u‖ ≈ 1e-5, not at 0
 
 
 # --------------------------------------------------------------------------- CAGrad
