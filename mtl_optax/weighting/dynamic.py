@@ -106,6 +106,9 @@ def dwa(*, temperature: float = 2.0, window: int = 100, eps: float = DEFAULT_EPS
     return weighting
 
 
+NADIR_FLOOR = 1e-8
+
+
 class STCHState(NamedTuple):
     """STCH's state: calls so far and the summed losses of the nadir window."""
 
@@ -139,7 +142,8 @@ def stch(
         the authors' last warm-up epoch); their weights are also ``1/(L_i + ε)``.
       scale_by_num_tasks: multiply the weights after the warm-up by K, as the authors' code
         does (default True). With False the step does not grow K-fold when the warm-up ends.
-      eps: ε (default 1e-20, the authors'); nadir entries below ``eps`` count as ``eps``.
+      eps: ε (default 1e-20, the authors'). Nadir entries below 1e-8 (zero losses during
+        the nadir window) count as 1e-8, so the weights stay finite in float32.
 
     Negative losses are an error (NaN weights under ``jit``); so are non-finite ones. This
     library's convention before version 0.2 (nadir = mean of every warm-up call, no factor
@@ -178,10 +182,11 @@ def stch(
         nadir_sum = jnp.where(
             collecting, state.nadir_sum + losses.astype(state.nadir_sum.dtype), state.nadir_sum
         )
-        nadir = jnp.maximum(nadir_sum / nadir_steps, eps).astype(losses.dtype)
-        share = jax.nn.softmax(jnp.log(losses / nadir + eps) / mu)
+        nadir = jnp.maximum(nadir_sum / nadir_steps, NADIR_FLOOR).astype(losses.dtype)
+        relative = losses / nadir + eps
+        share = jax.nn.softmax(jnp.log(relative) / mu)
         factor = k if scale_by_num_tasks else 1
-        after = factor * share / (losses + eps * nadir)
+        after = factor * share / nadir / relative  # ∂/∂L_i of the objective
         weights = jnp.where(state.step < warmup + nadir_steps, 1.0 / (losses + eps), after)
         ok = jnp.all(valid & jnp.isfinite(losses))
         weights = jnp.where(ok, weights, jnp.nan)
