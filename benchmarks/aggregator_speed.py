@@ -55,8 +55,8 @@ METHODS: dict[str, Any] = {
     "nash_mtl": {},
     "fairgrad": {},
     "krum": lambda k: {"n_byzantine": (k - 3) // 2},
-    "sdmgrad": {},
-    "modo": {},
+    "sdmgrad": {"single_batch": True},
+    "modo": {"single_batch": True},
     "gradient_normalized": {},
 }
 

@@ -109,8 +109,10 @@ ALL: dict[str, Method] = {
     "IMTL-G": Method("gradient weighting", "3", lambda: mtl.imtl_g()),
     "Aligned-MTL": Method("gradient weighting", "3", lambda: mtl.aligned_mtl()),
     "ConFIG": Method("gradient weighting", "3", lambda: mtl.config()),
-    "SDMGrad (one batch)": Method("gradient weighting", "3", lambda: mtl.sdmgrad()),
-    "MoDo (one batch)": Method("gradient weighting", "3", lambda: mtl.modo()),
+    "SDMGrad (one batch)": Method(
+        "gradient weighting", "3", lambda: mtl.sdmgrad(single_batch=True)
+    ),
+    "MoDo (one batch)": Method("gradient weighting", "3", lambda: mtl.modo(single_batch=True)),
     # direct aggregators on the stacked gradients
     "GradDrop": Method(
         "stacked aggregator",

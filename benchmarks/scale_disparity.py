@@ -65,7 +65,7 @@ def weightings(args, data: multimnist.Data) -> dict[str, tuple[str, Callable[[in
         "DWA": ("1", lambda seed: mtl.dwa(window=args.window)),
         "RLW": ("1", lambda seed: mtl.random_weighting(key=jax.random.PRNGKey(seed))),
         "FAMO": ("1", lambda seed: mtl.famo()),
-        "STCH": ("1", lambda seed: mtl.stch(warmup=args.window)),
+        "STCH": ("1", lambda seed: mtl.stch(warmup=0, nadir_steps=args.window)),
         "GradNorm": ("3", lambda seed: mtl.gradnorm()),
         "gradient-normalized": ("3", lambda seed: mtl.gradient_normalized()),
         "MGDA": ("3", lambda seed: mtl.mgda()),

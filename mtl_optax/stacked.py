@@ -197,7 +197,7 @@ def check_losses(losses, name):
         )
 
 
-def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> StackedAggregator:
+def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> StackedAggregator:
     """DB-MTL: balance log-loss gradients by their EMA norms (needs ``task_losses=``).
 
     Step t: task gradients of ``log(L_i + eps)``, ``h_i = g_i/(L_i + eps)``; per-task EMA
@@ -206,12 +206,24 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> 
     Heads get ``h_i`` (``c_i = 1/(L_i + eps)``: the gradient of ``Σ log(L_i + eps)``, as
     LibMTL's per-task backward passes of the log-losses give them).
 
-    Args:
-      beta, beta_sigma: EMA rate ``β/t^σ`` (0.9 and 0.5, LibMTL's defaults).
-      eps: added to the losses before the log (LibMTL's 1e-8).
+    Defaults follow the authors' code, LibMTL's ``DB_MTL`` (the DB-MTL authors maintain
+    LibMTL) with its configuration: β = 0.9, σ = 0 (``DB_beta_sigma=0``: a constant EMA
+    rate), ε = 1e-8. One deliberate difference: LibMTL divides by ``‖b_i‖ + 1e-8``; here the
+    ratio is exact (a zero EMA gets weight 0), which keeps the update linear under gradient
+    scaling; the two differ only for EMA norms near 1e-8.
 
+    Args:
+      beta: EMA rate β in [0, 1] (0.9).
+      beta_sigma: decay σ ≥ 0 of the rate ``β/t^σ`` (0, LibMTL's configuration; its
+        argparse help has no other default).
+      eps: ε > 0 added to the losses before the logarithm (LibMTL's 1e-8); 0 is rejected
+        (a zero loss would give an infinite gradient).
+
+    Negative losses (``L_i + eps ≤ 0``) raise a ``ValueError`` when concrete and give NaN
+    updates under ``jit`` (the state unchanged): the method takes ``log(L_i + eps)``.
     No weights of the current gradients (``task_weights`` reports NaN). Checked in
-    ``tests/test_stacked.py`` against a NumPy transcription over several steps.
+    ``tests/test_stacked.py`` against a NumPy transcription over several steps and in
+    ``tests/test_reference_fixtures.py`` against LibMTL's ``DB_MTL`` (σ = 0 and 0.5).
 
     Example::
 
@@ -220,7 +232,12 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> 
     """
     beta = check_real("beta", beta, low=0.0, high=1.0)
     beta_sigma = check_real("beta_sigma", beta_sigma, low=0.0)
-    eps = check_real("eps", eps, low=0.0)
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps == 0:
+        raise ValueError(
+            "`eps` must be > 0: db_mtl takes log(L_i + eps), so a zero loss with eps=0 gives an "
+            "infinite gradient; use the default 1e-8 (LibMTL's)."
+        )
+    eps = check_real("eps", eps, low=0.0, low_open=True)
 
     def init(num_tasks, shapes):
         k = check_num_tasks(num_tasks)
@@ -230,9 +247,16 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> 
         del extra
         check_losses(losses, "db_mtl")
         k = losses.shape[0]
+        shifted = jnp.asarray(losses, jnp.float32) + eps
+        if not isinstance(shifted, jax.core.Tracer) and bool(np.any(np.asarray(shifted) <= 0)):
+            raise ValueError(
+                f"db_mtl takes log(L_i + eps), so every loss must be > -eps; got "
+                f"{np.asarray(losses)}. Shift the losses (or use a method without logarithms)."
+            )
+        ok = jnp.all(shifted > 0) & jnp.all(jnp.isfinite(shifted))
         count = state.count + 1
         rate = beta / count.astype(jnp.float32) ** beta_sigma
-        scale = 1.0 / (jnp.asarray(losses, jnp.float32) + eps)
+        scale = jnp.where(ok, 1.0 / shifted, jnp.nan)
         buffers = []
         for leaf, old in zip(leaves, state.buffers):
             if leaf is None:
@@ -253,38 +277,57 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> 
             None if leaf is None else jnp.tensordot(alpha.astype(b.dtype), b, axes=1)
             for leaf, b in zip(leaves, buffers)
         ]
-        return combined, alpha, scale, DBMTLState(count=count, buffers=tuple(buffers))
+        new_state = DBMTLState(count=count, buffers=tuple(buffers))
+        new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+        return combined, alpha, scale, new_state
 
     return StackedAggregator(init, update, needs_losses=True)
 
 
 class ExcessMTLState(NamedTuple):
     count: jax.Array  # int32 calls so far
-    weights: jax.Array  # (K,) task weights on the simplex (init 1/K)
+    weights: jax.Array  # (K,) simplex weights p (init 1/K); the method returns K·p or p
     baseline: jax.Array  # (K,) excess risk of the first post-warm-up call (or warm-up mean)
     warmup_sum: jax.Array  # (K,) summed excess risks of the warm-up calls
     squares: tuple  # per leaf: (K, *shape) summed squared gradients (shared), (0,) otherwise
 
 
-def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> StackedAggregator:
+def excess_mtl(
+    *,
+    robust_step_size: float = 1e-2,
+    n_warmup_steps: int = 0,
+    scale_by_num_tasks: bool = True,
+    update_first_call: bool = False,
+) -> StackedAggregator:
     """ExcessMTL: weights by exponentiated gradient on estimated excess risks.
 
     Per call: ``S_i += g_i²`` (coordinate-wise, state); excess risk
-    ``e_i = Σ g_i² / √(S_i + 1e-7)`` (a diagonal-Hessian estimate); during the first
-    ``n_warmup_steps`` calls the weights stay ``1/K`` and ``e`` is accumulated; the first
-    later call fixes the baseline (the warm-up mean, or with no warm-up its own raw ``e``,
-    used unscaled that once); afterwards ``e ← e/(baseline + 1e-7)``;
-    ``w ← softmax(log w + robust_step_size · e)``; update ``Σ w_i g_i``. As in torchjd
-    (weights start at ``1/K``, on the simplex, where the official code and LibMTL start at 1).
-    Heads get ``∇L_i``; ``task_weights`` reports ``w``.
+    ``e_i = Σ g_i² / √(S_i + 1e-7)`` (a diagonal-Hessian estimate). Simplex weights ``p``
+    (from ``1/K``) take the exponentiated-gradient step ``p ← softmax(log p + η·e/e₀)`` with a
+    baseline ``e₀``; the update is ``Σ w_i g_i`` with ``w = K·p`` (or ``p``).
+
+    Defaults follow the authors' code (uiuctml/ExcessMTL; LibMTL's ``ExcessMTL`` is the
+    same): step size ``η = 1e-2``, weights from 1 (sum K), and the first call only records
+    ``e₀`` (no weight update). torchjd: ``robust_step_size=1.0, scale_by_num_tasks=False,
+    update_first_call=True`` (simplex weights; the first call steps with the raw ``e``); its
+    ``n_warmup_steps`` (uniform weights while ``e`` is averaged into ``e₀``) is available too.
+    The baseline division adds 1e-7 (torchjd's; the authors divide by ``e₀`` alone).
+    Heads get ``∇L_i`` (the library's head rule; the authors' weighted loss gives them
+    ``w_i ∇L_i``); ``task_weights`` reports ``w``.
 
     Args:
-      robust_step_size: exponentiated-gradient step (> 0; 1.0 as torchjd).
-      n_warmup_steps: calls with uniform weights that only collect statistics (≥ 0).
+      robust_step_size: exponentiated-gradient step ``η`` (> 0; 1e-2 the authors', 1.0
+        torchjd's).
+      n_warmup_steps: calls with uniform weights that only collect statistics (≥ 0; the
+        baseline is then their mean excess risk and the next call steps).
+      scale_by_num_tasks: weights summing to K, as the authors' (default), or to 1.
+      update_first_call: without warm-up, step at the first call with the unscaled ``e``
+        (torchjd) instead of only recording the baseline (the authors).
 
     The absolute ``1e-7`` constants make it not linear under gradient scaling. Checked in
     ``tests/test_stacked.py`` against a NumPy transcription over several calls (with and
-    without warm-up) and the torchjd fixture sequences.
+    without warm-up), the torchjd fixture sequences and LibMTL's ``ExcessMTL``
+    (``tests/test_reference_fixtures.py``).
 
     Example::
 
@@ -292,6 +335,12 @@ def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> Sta
     """
     step_size = check_real("robust_step_size", robust_step_size, low=0.0, low_open=True)
     warmup = check_int("n_warmup_steps", n_warmup_steps, low=0)
+    for name, flag in (
+        ("scale_by_num_tasks", scale_by_num_tasks),
+        ("update_first_call", update_first_call),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
 
     def init(num_tasks, shapes):
         k = check_num_tasks(num_tasks)
@@ -325,7 +374,8 @@ def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> Sta
             baseline = jnp.where(first, excess, state.baseline)
             scaled = jnp.where(first, excess, excess / (baseline + 1e-7))
         stepped = jax.nn.softmax(jnp.log(state.weights) + step_size * scaled)
-        weights = jnp.where(in_warmup, state.weights, stepped)
+        hold = in_warmup if (warmup > 0 or update_first_call) else (in_warmup | first)
+        weights = jnp.where(hold, state.weights, stepped)
         new_state = ExcessMTLState(
             count=state.count + 1,
             weights=weights,
@@ -333,6 +383,7 @@ def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> Sta
             warmup_sum=jnp.where(in_warmup, state.warmup_sum + excess, state.warmup_sum),
             squares=tuple(squares),
         )
+        weights = weights * (k if scale_by_num_tasks else 1.0)
         combined = [
             None if leaf is None else jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
             for leaf in leaves

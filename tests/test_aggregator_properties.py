@@ -55,7 +55,7 @@ PROPERTIES = {
     "aligned_mtl_rmse": (False, True, True, False, False),
     "config": (True, True, True, False, False),
     "nash_mtl": (True, False, True, False, False),
-    "nash_mtl_unclipped": (True, True, True, False, False),
+    "nash_mtl_unclipped": (True, False, True, False, False),  # u(cJ) = u(J): scale-free
     "fairgrad": (True, False, True, False, False),
     "fairgrad_alpha2": (True, False, True, False, False),
     "krum": (False, True, True, False, False),

@@ -43,11 +43,26 @@ def test_nash_mtl_worked_example_and_non_conflict():
     for seed in range(3):
         jac = jacobian(seed, spread=100.0)
         gram = jac @ jac.T
-        w = mtl.nash_mtl(max_norm=0.0)
+        w = mtl.nash_mtl(max_norm=0.0)  # the sources' fixed point, on the raw Gram
         alpha = np.asarray(w.update(jnp.asarray(gram, jnp.float32), None, ())[0], np.float64)
-        normalized = gram / np.linalg.norm(gram)
-        np.testing.assert_allclose(normalized @ alpha, 1 / alpha, rtol=1e-4)
+        np.testing.assert_allclose(gram @ alpha, 1 / alpha, rtol=1e-4)
         assert np.all(jac @ (alpha @ jac) > 0)
+        w = mtl.nash_mtl(max_norm=0.0, normalize_gram=True)
+        beta = np.asarray(w.update(jnp.asarray(gram, jnp.float32), None, ())[0], np.float64)
+        normalized = gram / np.linalg.norm(gram)
+        np.testing.assert_allclose(normalized @ beta, 1 / beta, rtol=1e-4)
+        np.testing.assert_allclose(beta, np.sqrt(np.linalg.norm(gram)) * alpha, rtol=1e-4)
+
+
+def test_nash_mtl_update_has_norm_max_norm_at_every_scale():
+    """Unclipped ``‖u‖ = √K`` (the raw fixed point), so the default always clips to 1."""
+    for scale in (1e-3, 1.0, 1e3):
+        jac = jacobian(9, k=4, spread=10.0) * scale
+        gram = jnp.asarray(jac @ jac.T, jnp.float32)
+        free = np.asarray(mtl.nash_mtl(max_norm=0.0).update(gram, None, ())[0], np.float64)
+        clipped = np.asarray(mtl.nash_mtl().update(gram, None, ())[0], np.float64)
+        assert np.linalg.norm(free @ jac) == pytest.approx(2.0, rel=1e-4)
+        assert np.linalg.norm(clipped @ jac) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_nash_mtl_max_norm_clips():
@@ -93,6 +108,8 @@ def test_bad_hyper_parameters():
         mtl.nash_mtl(max_norm=-1.0)
     with pytest.raises(TypeError, match="max_iters"):
         mtl.nash_mtl(max_iters=2.5)
+    with pytest.raises(TypeError, match="normalize_gram"):
+        mtl.nash_mtl(normalize_gram=1)
 
 
 @pytest.mark.parametrize("scale", [1e-12, 1e9])

@@ -168,7 +168,7 @@ def test_gradnorm_runs_in_tiers_2_and_3():
 
 
 # --------------------------------------------------------------------------- FAMO
-def famo64(losses_seq, lr=0.025, weight_decay=1e-3, eps=1e-8, minimum=0.0):
+def famo64(losses_seq, lr=0.025, weight_decay=1e-2, eps=1e-8, minimum=0.0):
     k = losses_seq.shape[1]
     xi, adam, out, previous = np.zeros(k), Adam64(lr, weight_decay), [], None
     for losses in losses_seq:

@@ -181,31 +181,37 @@ def test_dwa_matches_windowed_transcription(window, temperature):
 
 
 # --------------------------------------------------------------------------- STCH
-def stch64(losses_seq, warmup, mu):
-    nadir = losses_seq[:warmup].mean(axis=0)
-    value = lambda l: mu * np.log(np.sum(np.exp(np.log(l / nadir) / mu)))
+def stch64(losses_seq, warmup, nadir_steps, mu, factor, eps=1e-20):
+    """Central differences of ``factor·μ·log Σ exp(log(L/z + ε)/μ)`` after the warm-up."""
+    nadir = losses_seq[warmup : warmup + nadir_steps].mean(axis=0)
+    value = lambda l: factor * mu * np.log(np.sum(np.exp(np.log(l / nadir + eps) / mu)))
     out = []
     for t, losses in enumerate(losses_seq):
-        if t < warmup:
-            out.append(1 / losses)
+        if t < warmup + nadir_steps:
+            out.append(1 / (losses + eps))
             continue
         h = 1e-6
         out.append([(value(losses + h * e) - value(losses - h * e)) / (2 * h) for e in np.eye(3)])
     return np.stack(out)
 
 
-@pytest.mark.parametrize("warmup,mu", [(1, 1.0), (4, 1.0), (3, 0.1)])
-def test_stch_warmup_then_nadir(warmup, mu):
-    weights, state = run_sequence(mtl.stch(warmup=warmup, mu=mu), LOSS_SEQUENCE)
-    np.testing.assert_allclose(weights, stch64(LOSS_SEQUENCE, warmup, mu), rtol=2e-5, atol=1e-8)
-    np.testing.assert_allclose(state.total, LOSS_SEQUENCE[:warmup].sum(0), rtol=1e-6)
+@pytest.mark.parametrize(
+    "warmup,nadir_steps,mu,scaled", [(0, 1, 1.0, True), (2, 2, 1.0, True), (1, 3, 0.1, False)]
+)
+def test_stch_warmup_then_nadir(warmup, nadir_steps, mu, scaled):
+    weighting = mtl.stch(warmup=warmup, nadir_steps=nadir_steps, mu=mu, scale_by_num_tasks=scaled)
+    weights, state = run_sequence(weighting, LOSS_SEQUENCE)
+    expected = stch64(LOSS_SEQUENCE, warmup, nadir_steps, mu, 3 if scaled else 1)
+    np.testing.assert_allclose(weights, expected, rtol=2e-5, atol=1e-8)
+    window = LOSS_SEQUENCE[warmup : warmup + nadir_steps]
+    np.testing.assert_allclose(state.nadir_sum, window.sum(0), rtol=1e-6)
 
 
 def test_stch_update_is_invariant_to_rescaling_a_loss_after_warmup():
     jac = RNG.normal(size=(3, 5))
     scale = np.array([1.0, 1e3, 1.0])
-    plain, _ = run_sequence(mtl.stch(warmup=3), LOSS_SEQUENCE)
-    scaled, _ = run_sequence(mtl.stch(warmup=3), LOSS_SEQUENCE * scale)
+    plain, _ = run_sequence(mtl.stch(warmup=1, nadir_steps=2), LOSS_SEQUENCE)
+    scaled, _ = run_sequence(mtl.stch(warmup=1, nadir_steps=2), LOSS_SEQUENCE * scale)
     np.testing.assert_allclose(scaled @ (jac * scale[:, None]), plain @ jac, rtol=1e-4, atol=1e-6)
 
 
@@ -254,6 +260,10 @@ def test_bad_hyper_parameters_raise_clear_errors():
         mtl.stch(mu=0.0)
     with pytest.raises(ValueError, match="warmup"):
         mtl.stch(warmup=-3)
+    with pytest.raises(ValueError, match="nadir_steps"):
+        mtl.stch(nadir_steps=0)
+    with pytest.raises(TypeError, match="scale_by_num_tasks"):
+        mtl.stch(scale_by_num_tasks=1)
     with pytest.raises(ValueError, match="gamma.*finite"):
         mtl.generalized_mean(gamma=float("nan"))
     with pytest.raises(TypeError, match="gamma"):
@@ -288,7 +298,7 @@ def test_wrong_number_of_tasks_is_named():
     "factory,direction_only",
     [
         (lambda: mtl.initial_loss_weighting(steps=3), False),
-        (lambda: mtl.stch(warmup=3), False),
+        (lambda: mtl.stch(warmup=1, nadir_steps=2), False),
         (lambda: mtl.real_time_weighting(), False),
         (lambda: mtl.famo(), True),
         (lambda: mtl.geometric_mean(), True),

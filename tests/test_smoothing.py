@@ -79,7 +79,7 @@ def sequence(k=3, steps=6, seed=0):
 @pytest.mark.parametrize(
     ("inner", "uses"),
     [
-        (mtl.modo, "gram"),  # its weights are its state
+        (lambda: mtl.modo(single_batch=True), "gram"),  # its weights are its state
         (lambda: mtl.famo(), "losses"),  # a learned, stateful loss weighting
         (lambda: mtl.dwa(window=1), "losses"),
     ],
@@ -100,7 +100,7 @@ def test_extra_arguments_reach_the_wrapped_weighting():
     grams, _, jacs = sequence(seed=1)
     cross = np.einsum("tkn,tln->tkl", jacs, np.roll(jacs, 1, axis=0))
     fresh, _ = run(mtl.sdmgrad(), grams, cross_gram=cross)
-    without, _ = run(mtl.sdmgrad(), grams)
+    without, _ = run(mtl.sdmgrad(single_batch=True), grams)
     assert not np.allclose(fresh, without)
     smoothed, _ = run(mtl.cr_mogm(mtl.sdmgrad(), alpha=0.7), grams, cross_gram=cross)
     np.testing.assert_allclose(smoothed, ema(fresh, [0.7] * len(fresh)), rtol=2e-5, atol=1e-6)

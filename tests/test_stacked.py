@@ -70,7 +70,7 @@ def test_graddrop_matches_transcription_with_same_draws():
 
 
 def test_db_mtl_matches_transcription_over_steps():
-    t = through_aggregate(mtl.db_mtl())
+    t = through_aggregate(mtl.db_mtl(beta_sigma=0.5))  # a decaying rate, to see the schedule
     state = t.init(PARAMS)
     buffer = np.zeros((K, 12))
     for step in range(1, 4):
@@ -90,7 +90,14 @@ def test_db_mtl_matches_transcription_over_steps():
 
 @pytest.mark.parametrize("warmup", [0, 2])
 def test_excess_mtl_matches_transcription(warmup):
-    t = through_aggregate(mtl.excess_mtl(n_warmup_steps=warmup))
+    t = through_aggregate(  # torchjd's conventions (the transcription below)
+        mtl.excess_mtl(
+            n_warmup_steps=warmup,
+            robust_step_size=1.0,
+            scale_by_num_tasks=False,
+            update_first_call=True,
+        )
+    )
     state = t.init(PARAMS)
     squares, weights, baseline, warm_sum = np.zeros((K, 12)), np.full(K, 1 / K), None, 0
     for step in range(5):

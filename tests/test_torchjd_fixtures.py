@@ -152,6 +152,13 @@ def sequence(name):
     return FIXTURES[f"{name}/J"]
 
 
+def excess_mtl_torchjd(**kwargs):
+    """ExcessMTL with torchjd's conventions (step 1, simplex weights, step at the first call)."""
+    return mtl.excess_mtl(
+        robust_step_size=1.0, scale_by_num_tasks=False, update_first_call=True, **kwargs
+    )
+
+
 @pytest.mark.parametrize(
     ("seq", "name", "factory"),
     [
@@ -160,12 +167,12 @@ def sequence(name):
             "GradVac",
             lambda k: mtl.gradvac(key=jax.random.PRNGKey(3)),
         ),
-        ("seq_k2", "ExcessMTL", lambda k: mtl.excess_mtl()),
-        ("seq_k3", "ExcessMTL", lambda k: mtl.excess_mtl()),
+        ("seq_k2", "ExcessMTL", lambda k: excess_mtl_torchjd()),
+        ("seq_k3", "ExcessMTL", lambda k: excess_mtl_torchjd()),
         (
             "seq_k3",
             "ExcessMTL_warmup2",
-            lambda k: mtl.excess_mtl(n_warmup_steps=2),
+            lambda k: excess_mtl_torchjd(n_warmup_steps=2),
         ),
     ],
 )
@@ -178,7 +185,10 @@ def test_stateful_sequences_match_torchjd(seq, name, factory):
         assert err <= 1e-3, f"step {t}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize(("name", "weighting"), [("SDMGrad", mtl.sdmgrad()), ("MoDo", mtl.modo())])
+@pytest.mark.parametrize(
+    ("name", "weighting"),
+    [("SDMGrad", mtl.sdmgrad(scale_by_num_tasks=False)), ("MoDo", mtl.modo())],  # torchjd's
+)
 def test_two_batch_weightings_match_torchjd(name, weighting):
     """Weights from the cross-batch matrices A_t = J_t J_{t−1}ᵀ over 5 calls."""
     jacs, crosses = sequence("seq_k3"), FIXTURES["seq_k3/A"]

@@ -21,7 +21,7 @@ SGD_LR, DWA_WINDOW = 0.1, 2  # as in the generating script
 OURS = {
     "UW": lambda: mtl.uncertainty_weighting(optimizer=optax.sgd(SGD_LR)),
     "IMTLL": lambda: mtl.imtl_l(optimizer=optax.sgd(SGD_LR)),
-    "FAMO": mtl.famo,
+    "FAMO": lambda: mtl.famo(weight_decay=1e-3),  # torchjd's weight decay
     "DWA": lambda: mtl.dwa(window=DWA_WINDOW),
     "GeometricMean": mtl.geometric_mean,
 }

@@ -34,7 +34,7 @@ def crosses(seed, k=3, steps=4):
 def test_sdmgrad_and_modo_match_transcriptions():
     a_seq = crosses(1)
     k = a_seq.shape[1]
-    sdm, modo = mtl.sdmgrad(), mtl.modo(gamma=0.2, rho=0.05)
+    sdm, modo = mtl.sdmgrad(), mtl.modo(gamma=0.2, rho=0.05)  # sdmgrad: weights times K
     s_sdm, s_modo = sdm.init(k), modo.init(k)
     w_ref, lam_ref = np.full(k, 1 / k), np.full(k, 1 / k)
     for a in a_seq:
@@ -47,24 +47,32 @@ def test_sdmgrad_and_modo_match_transcriptions():
             grad = scaled @ (w_ref + 0.3 * mean)
             velocity = grad if velocity is None else 0.5 * velocity + grad
             w_ref = simplex_numpy(w_ref - 10.0 * velocity)
-        np.testing.assert_allclose(got_sdm, (w_ref + 0.3 * mean) / 1.3, atol=1e-5)
+        np.testing.assert_allclose(got_sdm, k * (w_ref + 0.3 * mean) / 1.3, atol=1e-5)
         lam_ref = simplex_numpy(lam_ref - 0.2 * (a @ lam_ref + 0.05 * lam_ref))
         np.testing.assert_allclose(got_modo, lam_ref, atol=1e-5)
 
 
-def test_without_cross_gram_uses_the_gram_and_cross_task_gram():
+def test_without_cross_gram_is_an_error_unless_single_batch_and_cross_task_gram():
     rng = np.random.default_rng(2)
     j1, j2 = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
     cross = mtl.cross_task_gram({"a": jnp.asarray(j1)}, {"a": jnp.asarray(j2)})
     np.testing.assert_allclose(cross, j1 @ j2.T, rtol=1e-5)
     gram = jnp.asarray(j1 @ j1.T, jnp.float32)
-    w = mtl.modo()
-    np.testing.assert_allclose(
-        w.update(gram, None, w.init(3))[0],
-        w.update(jnp.zeros((3, 3)), None, w.init(3), cross_gram=gram)[0],
-    )
-    with pytest.raises(ValueError, match="cross_gram"):
-        w.update(gram, None, w.init(3), cross_gram=jnp.eye(2))
+    for name in ("modo", "sdmgrad"):
+        with pytest.raises(ValueError, match=f"cross_gram=A.*{name}\\(single_batch=True\\)"):
+            getattr(mtl, name)().update(gram, None, getattr(mtl, name)().init(3))
+        with pytest.raises(ValueError, match="cross_gram"):  # under jit too: a trace-time check
+            w = getattr(mtl, name)()
+            jax.jit(w.update)(gram, None, w.init(3))
+        w = getattr(mtl, name)(single_batch=True)
+        np.testing.assert_allclose(
+            w.update(gram, None, w.init(3))[0],
+            w.update(jnp.zeros((3, 3)), None, w.init(3), cross_gram=gram)[0],
+        )
+        with pytest.raises(ValueError, match="cross_gram"):
+            w.update(gram, None, w.init(3), cross_gram=jnp.eye(2))
+        with pytest.raises(TypeError, match="single_batch"):
+            getattr(mtl, name)(single_batch=1)
     with pytest.raises(ValueError, match="momentum"):
         mtl.sdmgrad(momentum=1.0)
     with pytest.raises(ValueError, match="gamma"):

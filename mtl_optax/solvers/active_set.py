@@ -218,7 +218,8 @@ def min_norm_weights(
       primary: (K,) bool mask of the primary tasks ``P`` (all True: MGDA's min-norm point
         of the convex hull; one True: primary/auxiliary projection); the others get
         unbounded non-negative weights. All False (no equality constraint) is allowed only
-        with an ``offset`` (without one the answer would be ``x = 0``).
+        with an ``offset`` (without one the answer would be ``x = 0``): an error when the
+        mask is concrete, NaN weights when it is traced.
       offset: (K,) fixed offset ``b`` (default 0): the objective is ``xᵀGx + 2(Gb)ᵀx``.
       init_support: (K,) bool guess of the non-zero weights (e.g. the last step's, kept in a
         weighting's state); a wrong guess costs iterations, never correctness.
@@ -403,6 +404,8 @@ def min_norm_weights(
 
     carry = (x, support, polished, jnp.array(0))
     x, *_ = while_loop_like(cond, exact_body, carry, g_hat)
+    if offset is None:  # a traced all-False mask: no primary task, no meaningful answer
+        finite = finite & jnp.any(primary)
     return jnp.where(finite, x * d, jnp.nan)
 
 

@@ -6,7 +6,7 @@ from mtl_optax.weighting.base import EmptyWeightingState, Weighting
 from mtl_optax.weighting.basic import constant_weighting, mean_weighting, sum_weighting
 from mtl_optax.weighting.cagrad import cagrad
 from mtl_optax.weighting.dual_cone import DualConeState, dualproj, upgrad
-from mtl_optax.weighting.dynamic import DWAState, dwa, stch
+from mtl_optax.weighting.dynamic import DWAState, STCHState, dwa, stch
 from mtl_optax.weighting.learned import (
     FAMOState,
     GradNormState,
@@ -49,6 +49,7 @@ __all__ = [
     "MinNormState",
     "RandomOrderState",
     "RandomWeightingState",
+    "STCHState",
     "SimplexWeightsState",
     "WarmupMeanState",
     "Weighting",

@@ -96,16 +96,24 @@ def imtl_g() -> Weighting:
 def aligned_mtl(*, scale_mode: str = "min", pref_vector=None) -> Weighting:
     """Aligned-MTL: align the principal components of the gradients, ``w = B p``.
 
+    Defaults follow torchjd, adapted from the authors' code (SamsungLabs/MTL, no longer
+    public): ``p = 1/K`` and the smallest kept eigenvalue. LibMTL (also adapted from it) sums
+    the rows of ``B`` instead of averaging them, an update K times larger: pass
+    ``pref_vector=[1.0] * K`` to match it.
+
     Args:
-      scale_mode: ``"min"`` (default, as in the paper and torchjd): the smallest kept
-        eigenvalue; ``"median"``; ``"rmse"`` (their mean, as in the official code).
-      pref_vector: task preferences ``p`` (default ``1/K`` each, torchjd's default).
+      scale_mode: ``"min"`` (default, torchjd's and LibMTL's): the smallest kept
+        eigenvalue; ``"median"``; ``"rmse"`` (their mean; torchjd names it after the
+        authors' code).
+      pref_vector: task preferences ``p`` (default ``1/K`` each); a finite (K,) vector of
+        numbers.
 
     All-zero gradients (no kept eigenvalue) give ``B = I``, as in torchjd.
 
     Checked in ``tests/test_alignment.py`` against a float64 NumPy transcription, the
-    torchjd example ``J = [[-4, 1, 1], [6, 1, 1]] → u = [0.2133, 0.9673, 0.9673]`` and the
-    torchjd fixtures.
+    torchjd example ``J = [[-4, 1, 1], [6, 1, 1]] → u = [0.2133, 0.9673, 0.9673]``, the
+    torchjd fixtures, and LibMTL's ``Aligned_MTL`` with ``pref_vector=[1.0] * K``
+    (``tests/test_reference_fixtures.py``).
 
     Example::
 

@@ -51,6 +51,18 @@ def positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def non_negative_int(name: str, value: Any) -> int:
+    """A Python int ≥ 0 (not a bool): warm-up lengths that may be empty."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be a Python int, got {value!r} ({type(value).__name__}); it fixes "
+            "a number of steps, so it cannot be an array or a float."
+        )
+    if value < 0:
+        raise ValueError(f"`{name}` must be ≥ 0, got {value}.")
+    return int(value)
+
+
 def optimizer(value: Any) -> optax.GradientTransformation:
     """An optax ``GradientTransformation`` (anything with ``init`` and ``update``)."""
     if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
@@ -77,12 +89,38 @@ def prng_key(value: Any) -> jax.Array:
     return arr
 
 
+def real_vector(name: str, value: Any) -> np.ndarray:
+    """A non-empty 1-D vector of finite real numbers known when the method is built, as
+    float64 NumPy: no strings, bools, complex numbers, NaN/inf, or traced arrays."""
+    what = (
+        f"`{name}` must be a non-empty 1-D sequence of finite real numbers (one per task), "
+        "known when the method is built"
+    )
+    if isinstance(value, jax.core.Tracer) or (
+        isinstance(value, (list, tuple)) and any(isinstance(v, jax.core.Tracer) for v in value)
+    ):
+        raise TypeError(
+            f"{what}; got a traced array (built inside jax.jit?). Build the method outside the "
+            "jitted function, with concrete numbers."
+        )
+    try:
+        arr = np.asarray(value)
+    except Exception as error:  # ragged sequences, unconvertible objects
+        raise TypeError(f"{what}; got {value!r} ({error}).") from None
+    if arr.dtype.kind not in "iuf":  # b: bool, c: complex, U/S: strings, O: objects
+        raise TypeError(f"{what}; got {value!r} (dtype {arr.dtype}).")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{what}; got shape {arr.shape}.")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what}; got {arr} (NaN or infinite entries).")
+    return arr
+
+
 def per_task(name: str, value: Any) -> np.ndarray:
     """A non-empty 1-D vector of finite positive floats (one per task), as float64 NumPy."""
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"`{name}` must be a non-empty 1-D sequence (one per task), got {arr!r}.")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+    arr = real_vector(name, value)
+    if np.any(arr <= 0):
         raise ValueError(f"`{name}` must be finite and > 0 for every task, got {arr}.")
     return arr
 
@@ -96,16 +134,18 @@ def same_tasks(name: str, array: jax.Array, k: int) -> None:
         )
 
 
-def non_negative(losses: jax.Array, *, method: str) -> jax.Array:
-    """Mask of valid (``≥ 0``) losses for a method that takes their logarithm.
+def non_negative(
+    losses: jax.Array, *, method: str, reason: str = "takes the logarithm of the task losses"
+) -> jax.Array:
+    """Mask of valid (``≥ 0``) losses for a method that takes their logarithm (or ratios).
 
     Concrete losses with a negative entry raise a ``ValueError``; under tracing the caller
     turns the weights NaN where the mask is False.
     """
     if not isinstance(losses, jax.core.Tracer) and bool(np.any(np.asarray(losses) < 0)):
         raise ValueError(
-            f"{method} takes the logarithm of the task losses, so they must be ≥ 0; got "
-            f"{np.asarray(losses)}. Shift the losses (or use a method without logarithms)."
+            f"{method} {reason}, so they must be ≥ 0; got {np.asarray(losses)}. Shift the "
+            "losses (or use a method without logarithms or ratios)."
         )
     return losses >= 0
 

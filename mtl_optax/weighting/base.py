@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_optax.solvers import check_gram
+from mtl_optax.solvers.active_set import _SYMMETRY_TOL as SYMMETRY_TOL
 
 
 class EmptyWeightingState(NamedTuple):
@@ -97,6 +98,8 @@ def check_inputs(
             )
         k = check_gram(gram)
         gram = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
+        if isinstance(gram, jax.core.Tracer):
+            gram = _nan_unless_symmetric(gram)
     if weighting.needs_losses:
         if losses is None:
             raise ValueError(
@@ -119,6 +122,18 @@ def check_inputs(
         else:
             raise ValueError("Pass the Gram matrix or the losses so the number of tasks is known.")
     return k, gram, losses
+
+
+def _nan_unless_symmetric(gram: jax.Array) -> jax.Array:
+    """Under ``jit`` the symmetry of ``gram`` (checked at trace time when it is concrete, see
+    :func:`mtl_optax.solvers.check_gram`) shows only in its values: a Gram with
+    ``|G_ij − G_ji| > 1e-4 √(G_ii G_jj)`` (not a Gram matrix ``J Jᵀ``; a cross-batch matrix
+    belongs in ``cross_gram=``) becomes NaN, so every weighting returns NaN weights."""
+    diag = jnp.abs(jnp.diagonal(gram))
+    gap = jnp.abs(gram - gram.T)
+    tolerance = SYMMETRY_TOL * jnp.sqrt(diag[:, None] * diag[None, :]) + jnp.finfo(gram.dtype).tiny
+    asymmetric = jnp.any(gap > tolerance)  # False where the gap is NaN (already non-finite)
+    return jnp.where(asymmetric, jnp.nan, gram)
 
 
 def finish(weights: jax.Array) -> jax.Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_optax.weighting import arguments
 from mtl_optax.weighting.base import (
     Weighting,
     check_inputs,
@@ -22,14 +23,17 @@ from mtl_optax.weighting.base import (
 def constant_weighting(weights) -> Weighting:
     """Constant task weights ``w`` (given, any sign; shape (K,)).
 
+    ``weights`` must be finite real numbers known when the weighting is built (a list, a
+    NumPy or a concrete JAX array); strings, bools, complex numbers, NaN/inf and traced
+    arrays raise a ``TypeError``/``ValueError`` naming the argument. For weights that change
+    during training, use a stateful weighting (or rebuild this one outside ``jit``).
+
     Example::
 
         w = mtl.constant_weighting([1.0, 0.5])
         weights, _ = w.update(None, jnp.array([0.3, 0.7]), w.init(2))  # [1.0, 0.5]
     """
-    fixed = np.asarray(weights, dtype=np.float32)
-    if fixed.ndim != 1 or fixed.size == 0:
-        raise ValueError(f"`weights` must be a non-empty 1-D sequence, got shape {fixed.shape}.")
+    fixed = arguments.real_vector("weights", weights).astype(np.float32)
 
     def init(num_tasks):
         if check_num_tasks(num_tasks) != fixed.size:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_optax import solvers
+from mtl_optax.weighting.arguments import real_vector
 from mtl_optax.weighting.base import Weighting, check_inputs, check_num_tasks, finish
 
 
@@ -42,17 +43,7 @@ class DualConeState(NamedTuple):
 
 
 def _check_pref(pref_vector) -> np.ndarray | None:
-    if pref_vector is None:
-        return None
-    pref = np.asarray(pref_vector)
-    if pref.dtype == bool or not np.issubdtype(pref.dtype, np.number):
-        raise TypeError(f"`pref_vector` must be a vector of numbers, got {pref_vector!r}.")
-    if pref.ndim != 1 or pref.size == 0 or not np.all(np.isfinite(pref)):
-        raise ValueError(
-            f"`pref_vector` must be a non-empty 1-D vector of finite numbers (one per task), "
-            f"got {pref_vector!r}."
-        )
-    return pref.astype(np.float64)
+    return None if pref_vector is None else real_vector("pref_vector", pref_vector)
 
 
 def _preferences(pref, k: int, dtype) -> jax.Array:

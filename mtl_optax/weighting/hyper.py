@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mtl_optax.weighting.arguments import real_vector
+
 
 def check_real(
     name: str,
@@ -48,9 +50,14 @@ def check_int(name: str, value: Any, *, low: int = 0) -> int:
 
 def check_key(key: Any) -> jax.Array:
     """A JAX PRNG key: a typed key (``jax.random.key``) or a raw uint32 (2,) ``PRNGKey``."""
+    if key is None:
+        raise TypeError(
+            "`key` is required: pass a JAX PRNG key such as key=jax.random.PRNGKey(0); random "
+            "methods keep it in their state and split it at every step."
+        )
     try:
         array = jax.numpy.asarray(key)
-    except TypeError:
+    except (TypeError, ValueError):
         array = None
     if array is not None and jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
         if array.shape == ():
@@ -70,11 +77,10 @@ def check_preference(pref_vector: Any, k: int | None = None) -> np.ndarray | Non
     """
     if pref_vector is None:
         return None
-    pref = np.asarray(pref_vector, dtype=np.float64)
-    if pref.ndim != 1 or (k is not None and pref.shape != (k,)) or not np.all(np.isfinite(pref)):
-        want = "(K,)" if k is None else f"({k},)"
+    pref = real_vector("pref_vector", pref_vector)
+    if k is not None and pref.shape != (k,):
         raise ValueError(
-            f"`pref_vector` must be a finite vector of shape {want} (one entry per task), "
-            f"got {pref_vector!r}."
+            f"`pref_vector` has {pref.shape[0]} entries but there are {k} tasks; pass one "
+            "entry per task."
         )
     return pref

@@ -11,7 +11,8 @@ weighting receives (the losses, and ``diag(G)`` for GradNorm), one optimizer ste
 * **IMTL-L** (Liu et al., ICLR 2021): scales ``s`` minimise ``Σ_i (e^{s_i} L_i − s_i)``;
   weights ``w_i = e^{s_i}``; optimum ``s_i = −log L_i`` (``w_i = 1/L_i``);
 * **GradNorm** (Chen et al., ICML 2018): weights ``w`` (sum K) minimise
-  ``Σ_i |w_i ‖g_i‖ − T_i|`` towards targets that give slower-training tasks larger gradients;
+  ``Σ_i |w_i ‖g_i‖ − T_i|`` towards targets that give slower-training tasks larger gradients
+  (the paper's Algorithm 1, or LibMTL's softmax parametrisation and first-epoch warm-up);
 * **FAMO** (Liu et al., NeurIPS 2023): softmax logits learned from the observed decrease of
   the log-losses, so that all losses decrease at about the same rate.
 
@@ -145,15 +146,21 @@ def imtl_l(*, optimizer: optax.GradientTransformation | None = None) -> Weightin
 # --------------------------------------------------------------------------- GradNorm
 class GradNormState(NamedTuple):
     weights: jax.Array  # (K,) current loss weights (sum K)
-    initial_losses: jax.Array  # (K,) L_i(0), set at the first call
+    initial_losses: jax.Array  # (K,) L_i(0) (summed over the warm-up while it lasts)
     step: jax.Array  # () int32
     opt_state: Any
+    logits: jax.Array  # (K,) trained logits with parametrization="softmax" (else unused, 0)
+
+
+_GRADNORM_PARAMETRIZATIONS = ("weights", "softmax")
 
 
 def gradnorm(
     *,
     alpha: float = 1.5,
     optimizer: optax.GradientTransformation | None = None,
+    warmup: int = 0,
+    parametrization: str = "weights",
     eps: float = 1e-8,
 ) -> Weighting:
     """GradNorm: loss weights trained so that every task's weighted gradient norm follows
@@ -162,22 +169,37 @@ def gradnorm(
     With ``G_i = w_i ‖g_i‖`` (``‖g_i‖² = diag(G)``, the only part of the Gram it reads),
     inverse training rates ``r_i = (L_i/L_i(0)) / mean_j(L_j/L_j(0))`` and targets
     ``T_i = mean(G)·r_i^α`` held constant, ``w`` takes one optimizer step on
-    ``Σ_i |G_i − T_i|`` and is renormalised to ``Σ w_i = K`` (Chen et al., ICML 2018,
-    Algorithm 1; LibMTL parametrises ``w`` by a softmax instead, we follow the paper).
-    ``w`` starts at 1 and ``L(0)`` is the loss of the first call.
+    ``Σ_i |G_i − T_i|`` and is renormalised to ``Σ w_i = K``.
+
+    Defaults follow the paper (Chen et al., ICML 2018, Algorithm 1; there is no code by the
+    authors): ``w`` starts at 1, ``L(0)`` is the loss of the first call and ``w`` is
+    trained from the first call on. LibMTL (its own implementation) differs in three ways,
+    each reachable here: ``w = K·softmax(ξ)`` with the logits ``ξ`` trained
+    (``parametrization="softmax"``), equal weights and no training during the first epoch,
+    whose mean loss is ``L(0)`` (``warmup=`` the steps of an epoch), and the model's
+    optimizer on ``ξ`` (``optimizer=``; LibMTL's default is Adam, lr 1e-4, weight decay
+    1e-5, applied to the model and ``ξ`` together).
 
     Args:
-      alpha: asymmetry α (default 1.5, the paper's choice for NYUv2); 0 asks for equal
-        weighted gradient norms.
-      optimizer: optax optimizer of ``w`` (default ``optax.adam(1e-3)``; the paper and LibMTL
-        train ``w`` with the model's optimizer).
+      alpha: asymmetry α (default 1.5, the paper's choice for NYUv2 and LibMTL's default);
+        0 asks for equal weighted gradient norms.
+      optimizer: optax optimizer of ``w`` (or ``ξ``); default ``optax.adam(1e-3)`` (the
+        paper trains ``w`` with the model's optimizer).
+      warmup: calls with ``w = 1`` and no training whose mean loss is ``L(0)`` (default 0:
+        ``L(0)`` is the first call's loss, as in the paper).
+      parametrization: ``"weights"`` (default, the paper: ``w`` itself, renormalised to sum
+        K after each step) or ``"softmax"`` (LibMTL: ``w = K·softmax(ξ)``, ``ξ`` from 0).
       eps: initial losses (and the mean loss ratio) below ``eps`` count as ``eps``, so
         zero losses give finite weights.
 
-    The optimizer step on ``w`` depends on the absolute gradient norms (with a non-adaptive
+    Negative losses are an error (NaN weights under ``jit``): training rates are ratios of
+    losses. The optimizer step depends on the absolute gradient norms (with a non-adaptive
     optimizer its size scales with them), so ``homogeneity`` is None: in tier 3 the
-    weighting sees the true ``diag(G)``.
-    Runs in tiers 2 and 3 (``needs_gram="diagonal"``).
+    weighting sees the true ``diag(G)``. Runs in tiers 2 and 3 (``needs_gram="diagonal"``).
+
+    Checked in ``tests/test_learned_weightings.py`` against a float64 transcription of
+    Algorithm 1 and in ``tests/test_reference_fixtures.py`` call by call against LibMTL's
+    ``GradNorm`` (``warmup=2, parametrization="softmax"``, SGD on both sides).
 
     Example::
 
@@ -187,37 +209,59 @@ def gradnorm(
     """
     alpha = arguments.real("alpha", alpha, low=0.0, strict=False)
     eps = arguments.real("eps", eps, low=0.0)
+    warmup = arguments.non_negative_int("warmup", warmup)
+    if parametrization not in _GRADNORM_PARAMETRIZATIONS:
+        raise ValueError(
+            f"`parametrization` must be one of {_GRADNORM_PARAMETRIZATIONS}, got "
+            f"{parametrization!r}."
+        )
+    softmax = parametrization == "softmax"
     opt = arguments.optimizer(optax.adam(DEFAULT_LEARNING_RATE) if optimizer is None else optimizer)
+
+    def weights_of(params):
+        return params.shape[0] * jax.nn.softmax(params) if softmax else params
 
     def init(num_tasks):
         k = check_num_tasks(num_tasks)
-        weights = jnp.ones(k, jnp.float32)
+        weights, logits = jnp.ones(k, jnp.float32), jnp.zeros(k, jnp.float32)
+        initial = jnp.zeros(k, jnp.float32)
+        step = jnp.zeros((), jnp.int32)
         return GradNormState(
-            weights, jnp.ones(k, jnp.float32), jnp.zeros((), jnp.int32), opt.init(weights)
+            weights, initial, step, opt.init(logits if softmax else weights), logits
         )
 
     def update(gram, losses, state, **extra):
         del extra
         k, gram, losses = check_inputs(weighting, gram, losses)
         arguments.same_tasks("state", state.weights, k)
+        valid = arguments.non_negative(
+            losses, method="gradnorm", reason="divides the task losses by their initial values"
+        )
         dtype = state.weights.dtype
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)).astype(dtype)
-        ok = jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(norms))
+        ok = jnp.all(valid & jnp.isfinite(losses)) & jnp.all(jnp.isfinite(norms))
         weights = finish(jnp.where(ok, state.weights, jnp.nan).astype(losses.dtype))
         losses = losses.astype(dtype)
-        initial = jnp.where(state.step == 0, losses, state.initial_losses)
+        training = state.step >= warmup
+        first = state.step == warmup
+        mean_of_warmup = state.initial_losses / max(warmup, 1)
+        initial = jnp.where(first, mean_of_warmup if warmup else losses, state.initial_losses)
         ratio = losses / jnp.maximum(initial, eps)
         rate = ratio / jnp.maximum(jnp.mean(ratio), eps)
+        params = state.logits if softmax else state.weights
 
-        def objective(w):
-            weighted_norms = w * norms
+        def objective(p):
+            weighted_norms = weights_of(p) * norms
             target = jax.lax.stop_gradient(jnp.mean(weighted_norms) * rate**alpha)
             return jnp.sum(jnp.abs(weighted_norms - target))
 
-        grads = jax.grad(objective)(state.weights)
-        new_w, opt_state = _step(opt, state.weights, state.opt_state, grads)
-        new_w = k * new_w / jnp.sum(new_w)
-        new_state = GradNormState(new_w, initial, state.step + 1, opt_state)
+        new_params, opt_state = _step(opt, params, state.opt_state, jax.grad(objective)(params))
+        new_w = weights_of(new_params) if softmax else k * new_params / jnp.sum(new_params)
+        trained = GradNormState(
+            new_w, initial, state.step + 1, opt_state, new_params if softmax else state.logits
+        )
+        warming = state._replace(initial_losses=state.initial_losses + losses, step=state.step + 1)
+        new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(training, a, b), trained, warming)
         return weights, arguments.unless_bad(ok, new_state, state)
 
     # The paper and LibMTL train every parameter on Σ w_i L_i: the heads get w_i ∇L_i too.
@@ -243,6 +287,8 @@ class FAMOState(NamedTuple):
 def famo(
     *,
     optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
     min_losses=None,
     eps: float = 1e-8,
 ) -> Weighting:
@@ -259,16 +305,35 @@ def famo(
     weight. The previous losses come from the previous minibatch (the source recomputes
     them on the same batch after the step, which costs a second forward pass).
 
+    Defaults follow the authors' ``famo.py`` (Cranial-XIX/FAMO, the file its README points
+    users to): Adam on ``ξ`` with learning rate 0.025 and L2 weight decay 0.01 added to the
+    gradient (PyTorch's ``Adam(weight_decay=)``). Other sources: LibMTL and torchjd use
+    weight decay 1e-3 (``weight_decay=1e-3``), the authors' ``methods/weight_methods.py``
+    1e-5 and their experiment scripts 1e-3 (NYUv2, CelebA, QM9) or 0.01 (Cityscapes).
+
+    ``famo.py`` also clips the model's shared gradient to global norm 1
+    (``max_norm=1.0``). That acts on the update, not on the weights, and FAMO never sees the
+    gradients (it runs in tier 1), so it belongs to the training loop: add
+    ``optax.clip_by_global_norm(1.0)`` (masked to the shared parameters, e.g. with
+    ``optax.masked``) before the optimizer to match it. The authors' experiment trainer
+    (``methods/weight_methods.py``) calls the clip before the backward pass, where it has no
+    effect; LibMTL and torchjd do not clip.
+
     Args:
-      optimizer: optimizer of ``ξ``. Default: Adam with learning rate 0.025 and L2 weight
-        decay 1e-3 added to the gradient (``optax.chain(optax.add_decayed_weights(1e-3),
-        optax.adam(0.025))``, PyTorch's ``Adam(weight_decay=)``); the paper's Algorithm 2,
-        LibMTL and torchjd use 1e-3, the official code 1e-5.
+      optimizer: optimizer of ``ξ`` (overrides ``learning_rate`` / ``weight_decay``, which
+        must then be left unset).
+      learning_rate: Adam learning rate of ``ξ`` (default 0.025, every source).
+      weight_decay: L2 weight decay of ``ξ`` added to its gradient (default 0.01).
       min_losses: known minimum losses ``b`` (K,), default 0.
       eps: ε (default 1e-8, as the sources).
 
     A loss below its minimum ``b_i`` raises a ``ValueError`` when concrete and gives NaN
     weights under ``jit``.
+
+    Checked in ``tests/test_learned_weightings.py`` against a float64 transcription with
+    PyTorch-style Adam, call by call against torchjd's ``FAMO``
+    (``tests/test_torchjd_scalarizer_fixtures.py``), LibMTL's ``FAMO`` and ``famo.py``
+    itself, including its clipped update (``tests/test_reference_fixtures.py``).
 
     Example::
 
@@ -279,17 +344,20 @@ def famo(
     The weights always sum to 1 (``Σ_i z_i/(c ℓ_i) = 1``).
     """
     eps = arguments.real("eps", eps, low=0.0)
-    opt = arguments.optimizer(
-        optax.chain(optax.add_decayed_weights(1e-3), optax.adam(0.025))
-        if optimizer is None
-        else optimizer
-    )
+    if optimizer is not None and (learning_rate is not None or weight_decay is not None):
+        raise ValueError(
+            "famo: pass either `optimizer` or `learning_rate`/`weight_decay`, not both (the "
+            "optimizer replaces the default Adam they configure)."
+        )
+    if optimizer is None:
+        lr = arguments.real("learning_rate", 0.025 if learning_rate is None else learning_rate,
+                            low=0.0)  # fmt: skip
+        decay = 0.01 if weight_decay is None else weight_decay
+        decay = arguments.real("weight_decay", decay, low=0.0, strict=False)
+        optimizer = optax.chain(optax.add_decayed_weights(decay), optax.adam(lr))
+    opt = arguments.optimizer(optimizer)
     if min_losses is not None:
-        minimum = np.asarray(min_losses, np.float32)
-        if minimum.ndim != 1 or not np.all(np.isfinite(minimum)):
-            raise ValueError(
-                f"`min_losses` must be a finite 1-D sequence (one per task), got {min_losses!r}."
-            )
+        minimum = arguments.real_vector("min_losses", min_losses).astype(np.float32)
 
     def init(num_tasks):
         k = check_num_tasks(num_tasks)

@@ -25,7 +25,9 @@ to both).
 
 Logarithms and divisions need positive losses. Losses below ``eps`` count as ``eps``
 (a task whose loss reached 0 gets the large but finite weight ``1/eps``); negative losses
-raise a ``ValueError`` when the losses are concrete and give NaN weights under ``jit``.
+raise a ``ValueError`` when the losses are concrete and give NaN weights under ``jit``. A
+NaN or infinite loss gives NaN weights (not the weight 0 that ``1/inf`` would give), as in
+every weighting of the library, so ``optax.apply_if_finite`` skips the step.
 A stateful weighting leaves its state unchanged at a step whose losses are non-finite or
 negative (so a step skipped by ``optax.apply_if_finite`` does not poison it); this holds for
 every stateful loss weighting of the library.
@@ -199,7 +201,8 @@ def _inverse_reference(name: str, reference) -> Weighting:
         del extra
         k, _, losses = check_inputs(weighting, gram, losses)
         arguments.same_tasks(f"`{name}` losses", inverse, k)
-        return finish(jnp.asarray(inverse, losses.dtype)), state
+        ok = jnp.all(jnp.isfinite(losses))
+        return finish(jnp.where(ok, jnp.asarray(inverse, losses.dtype), jnp.nan)), state
 
     weighting = Weighting(
         init,
@@ -231,7 +234,8 @@ def real_time_weighting(*, eps: float = DEFAULT_EPS) -> Weighting:
         del extra
         _, _, losses = check_inputs(weighting, gram, losses)
         valid = arguments.non_negative(losses, method="real_time_weighting")
-        return finish(jnp.where(valid, 1.0 / jnp.maximum(losses, eps), jnp.nan)), state
+        ok = jnp.all(valid & jnp.isfinite(losses))
+        return finish(jnp.where(ok, 1.0 / jnp.maximum(losses, eps), jnp.nan)), state
 
     weighting = Weighting(empty_init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting
@@ -282,7 +286,8 @@ def generalized_mean(*, gamma: float, eps: float = DEFAULT_EPS) -> Weighting:
             share = jax.nn.softmax(gamma * log_l)
             log_mean = (jax.nn.logsumexp(gamma * log_l) - math.log(k)) / gamma
         weights = share * jnp.exp(log_mean - log_l)
-        return finish(jnp.where(jnp.all(valid), weights, jnp.nan)), state
+        ok = jnp.all(valid & jnp.isfinite(losses))
+        return finish(jnp.where(ok, weights, jnp.nan)), state
 
     weighting = Weighting(empty_init, update, needs_gram=False, needs_losses=True, homogeneity=0.0)
     return weighting

@@ -87,9 +87,17 @@ def mgda(
       tol: Frank–Wolfe stopping tolerance on ``‖Δα‖₁`` (≥ 0).
       eps: threshold of the normalisations (≥ 0, finite), default 1e-12.
 
+    Defaults follow the paper (Sener & Koltun, 2018): the exact min-norm point, with no
+    normalisation (LibMTL's default ``mgda_gn="none"``; torchjd has none). The authors'
+    code and LibMTL solve the same problem by Frank–Wolfe, stopped after 250 iterations or
+    when ``‖Δα‖₁ < 1e-5`` (``solver="frank_wolfe", max_iters=250, tol=1e-5`` is that
+    solver); the normalisations are LibMTL's ``mgda_gn`` values.
+
     Checked in ``tests/test_weightings.py`` against scipy SLSQP on random, rank-deficient
     and badly scaled Grams (K = 1, 2, 3, 10), the K = 2 closed form, and the
-    non-conflicting property ``⟨u, g_i⟩ ≥ 0``.
+    non-conflicting property ``⟨u, g_i⟩ ≥ 0``; in ``tests/test_reference_fixtures.py``
+    against LibMTL's ``MGDA`` (``"none"``, ``"l2"``, ``"loss+"``), whose early stops show in
+    the optimality conditions.
 
     Example::
 

@@ -19,7 +19,7 @@ is reproducible from the key given at construction. Neither method is non-confli
 K ≥ 3 (a later projection can re-create a conflict); for K = 2 PCGrad's update has
 ``⟨u, g_i⟩ ≥ 0`` and does not depend on the order. Both are scale-free (weights unchanged
 when ``G → cG``): linear under gradient scaling. Zero gradients are never projected onto
-(their rows of ``G`` are zero).
+(their rows of ``G`` are zero). A non-finite Gram gives NaN weights.
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ def task_orders(key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return key, orders
 
 
+def _nan_unless_finite(weights: jax.Array, gram: jax.Array) -> jax.Array:
+    """A non-finite Gram gives NaN weights (the comparisons of the walk would otherwise
+    silently skip every projection)."""
+    return jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)
+
+
 def _check_targets(state: GradVacState, k: int) -> None:
     if jnp.shape(state.targets) != (k, k):
         raise ValueError(
@@ -71,9 +77,14 @@ def pcgrad(*, key: jax.Array) -> Weighting:
       key: JAX PRNG key (e.g. ``jax.random.PRNGKey(0)``), kept in the state and split at
         every step (it draws each task's visiting order).
 
+    Defaults follow the authors' code (tianheyu927/PCGrad): the sum of the projected
+    gradients, each task visiting the others in a fresh random order; LibMTL and torchjd
+    are the same (LibMTL also visits the task itself and adds 1e-8 to ``‖g_j‖²``, which
+    only matters for gradients of norm ≲ 1e-4).
+
     Checked in ``tests/test_projection.py`` against a NumPy transcription on the Jacobian with
-    the same orders, and (order-independent K = 2) the torchjd fixtures and the published
-    example ``J = [[-4, 1, 1], [6, 1, 1]] → u = [0.5848, 3.8012, 3.8012]``.
+    the same orders, and (order-independent K = 2) the torchjd fixtures, LibMTL's ``PCGrad``
+    and the published example ``J = [[-4, 1, 1], [6, 1, 1]] → u = [0.5848, 3.8012, 3.8012]``.
 
     Example::
 
@@ -101,7 +112,8 @@ def pcgrad(*, key: jax.Array) -> Weighting:
             return jax.lax.scan(visit, jax.nn.one_hot(i, k, dtype=gram.dtype), order)[0]
 
         coefficients = jax.vmap(modified)(jnp.arange(k), orders)
-        return finish(jnp.sum(coefficients, axis=0)), RandomOrderState(key=next_key)
+        weights = _nan_unless_finite(jnp.sum(coefficients, axis=0), gram)
+        return finish(weights), RandomOrderState(key=next_key)
 
     weighting = Weighting(init, update, needs_gram=True, homogeneity=0.0)
     return weighting
@@ -112,7 +124,11 @@ def gradvac(*, key: jax.Array, beta: float = 0.5) -> Weighting:
 
     Args:
       key: JAX PRNG key, kept in the state and split at every step.
-      beta: EMA rate of the cosine targets, in [0, 1] (0.5, as in torchjd and LibMTL).
+      beta: EMA rate of the cosine targets, in [0, 1] (0.5, as in torchjd and LibMTL; the
+        authors published no code, and the paper tunes it per experiment).
+
+    Defaults follow LibMTL and torchjd, which agree: one group (the whole model, LibMTL's
+    ``GradVac_group_type=0``), targets from 0, a fresh random order per task and step.
 
     Difference from torchjd: it adds ``eps = 1e-8`` to the denominators; here a zero norm
     (or a target of exactly 1) skips the correction instead, which keeps the weights exactly
@@ -162,7 +178,9 @@ def gradvac(*, key: jax.Array, beta: float = 0.5) -> Weighting:
             return jax.lax.scan(visit, start, order)[0]
 
         coefficients, targets = jax.vmap(modified)(jnp.arange(k), orders, state.targets)
-        weights = finish(jnp.sum(coefficients, axis=0))
+        weights = finish(_nan_unless_finite(jnp.sum(coefficients, axis=0), gram))
+        finite = jnp.all(jnp.isfinite(gram))
+        targets = jnp.where(finite, targets, state.targets)  # a skipped step keeps the targets
         return weights, GradVacState(key=next_key, targets=targets)
 
     weighting = Weighting(init, update, needs_gram=True, homogeneity=0.0)

@@ -8,19 +8,29 @@ the papers use ``A = J₁ J₂ᵀ``, the inner products between task gradients o
 The ``Weighting`` protocol carries it as an extra keyword of ``update``: pass
 ``cross_gram=A`` (a (K, K) array, e.g. from :func:`cross_task_gram` of two stacked gradient
 pytrees) through ``aggregate``'s ``update(..., cross_gram=A)`` or to the weighting directly.
-Without it the single-batch Gram the tier computed is used (the biased variant). The weights
-then apply to whatever gradients the tier combines (the papers use a third batch for SDMGrad,
-the mean of the two batches for MoDo; both are the caller's choice).
+Without it the call raises a ``ValueError``, unless the weighting was built with
+``single_batch=True``: then the single-batch Gram the tier computed is used (the biased
+variant, which the papers' guarantees do not cover). The weights apply to whatever
+gradients the tier combines (the papers use a third batch for SDMGrad, the mean of the two
+batches or a third one for MoDo; both are the caller's choice).
 
 * **SDMGrad** (Xiao et al., 2023, "Direction-oriented Multi-objective Learning"): ``A`` is
   divided by the squared mean of ``√diag(A)``; ``n_iter`` momentum-SGD steps
-  ``w ← Π_Δ(w − lr · v)``, ``v ← momentum · v + A(w + λ w̃)``; weights
-  ``(w + λ w̃)/(1 + λ)`` with ``w̃ = 1/K``. ``w`` is kept in the state.
+  ``w ← Π_Δ(w − lr · v)``, ``v ← momentum · v + A(w + λ w̃)`` (the momentum restarts at
+  every call); weights ``c·(w + λ w̃)/(1 + λ)`` with ``w̃ = 1/K`` and ``c = K`` (the
+  authors' code multiplies the update by K "to match the sum loss") or 1. ``w`` is kept in
+  the state.
 * **MoDo** (Chen et al., 2024, "Three-Way Trade-Off in Multi-Objective Learning"): one step
   ``λ ← Π_Δ(λ − γ (Aλ + ρλ))`` per call, ``λ`` kept in the state and returned.
 
-Defaults follow torchjd 0.18 (SDMGrad: lr 10, momentum 0.5, 20 iterations, λ = 0.3, the
-value the SDMGrad authors and LibMTL use in experiments; MoDo: γ = 0.1, ρ = 0.1).
+Defaults follow the authors' code: SDMGrad (OptMN-Lab/sdmgrad) lr 10, momentum 0.5, 20
+iterations, λ = 0.3 (their experiment scripts; the class default is 0.6), update times K;
+MoDo (heshandevaka/Trade-Off-MOL) γ = 0.1, ρ = 0.1. torchjd 0.18 uses the same values
+without the factor K (``scale_by_num_tasks=False``); LibMTL uses SDMGrad lr 5 without the
+factor K (``lr=5.0, scale_by_num_tasks=False``) and MoDo γ = 1e-3 (``gamma=1e-3``). One
+deliberate difference: the sources add an absolute ε to the normalisation (``1e-4`` inside
+the square root in the authors' code, ``1e-8`` to the square in LibMTL and torchjd); here a
+zero diagonal leaves ``A`` unscaled instead, which keeps the weights exactly scale-free.
 """
 
 from __future__ import annotations
@@ -68,15 +78,31 @@ def project_to_simplex(x: jax.Array) -> jax.Array:
     return jnp.maximum(x - theta, 0.0)
 
 
-def _cross_or_gram(gram, extra, k):
+def _cross_or_gram(gram, extra, k, single_batch: bool, method: str):
     cross = extra.get("cross_gram")
     if cross is None:
-        return gram
+        if single_batch:
+            return gram
+        raise ValueError(
+            f"{method} needs the cross-batch matrix A = J₁J₂ᵀ of two independent mini-batches: "
+            "pass `cross_gram=A` to update (e.g. mtl.cross_task_gram(grads_1, grads_2)), or "
+            f"build it with {method}(single_batch=True) to use the single-batch Gram (biased)."
+        )
     if jnp.shape(cross) != (k, k):
         raise ValueError(
             f"`cross_gram` must be a ({k}, {k}) matrix J₁J₂ᵀ, got shape {jnp.shape(cross)}."
         )
+    if not jnp.issubdtype(jnp.result_type(cross), jnp.floating):
+        raise ValueError(
+            f"`cross_gram` must be floating point, got dtype {jnp.result_type(cross)}."
+        )
     return jnp.asarray(cross).astype(gram.dtype)
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return value
 
 
 def _init_simplex(num_tasks):
@@ -93,22 +119,31 @@ def _check_state(state, k):
 
 
 def sdmgrad(
-    *, lr: float = 10.0, momentum: float = 0.5, n_iter: int = 20, lambda_: float = 0.3
+    *,
+    lr: float = 10.0,
+    momentum: float = 0.5,
+    n_iter: int = 20,
+    lambda_: float = 0.3,
+    scale_by_num_tasks: bool = True,
+    single_batch: bool = False,
 ) -> Weighting:
     """SDMGrad: direction-oriented weights, pulled towards the mean by ``lambda_``.
 
     Args:
-      lr: inner SGD learning rate (> 0).
+      lr: inner SGD learning rate (> 0; 10, the authors' and torchjd's; LibMTL uses 5).
       momentum: inner SGD momentum, in [0, 1).
       n_iter: inner iterations per call (≥ 1).
       lambda_: pull towards the mean direction (≥ 0).
+      scale_by_num_tasks: multiply the weights by K, as the authors' code does (default);
+        False for LibMTL's and torchjd's weights (sum 1).
+      single_batch: without ``cross_gram=``, use the single-batch Gram instead of raising.
 
     Extra keyword of ``update``: ``cross_gram`` (see the module doc). The normalisation makes
-    the weights scale-free (``homogeneity = 0``; a zero diagonal leaves ``A`` unscaled, where
-    torchjd adds 1e-8).
+    the weights scale-free (``homogeneity = 0``).
 
     Checked in ``tests/test_two_batch.py`` against a NumPy transcription (sort-free
-    bisection simplex projection) over several calls.
+    bisection simplex projection) over several calls, against torchjd's
+    ``SDMGradWeighting`` and against LibMTL's ``SDMGrad`` (``tests/test_reference_fixtures.py``).
 
     Example::
 
@@ -119,11 +154,13 @@ def sdmgrad(
     momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
     n_iter = check_int("n_iter", n_iter, low=1)
     lambda_ = check_real("lambda_", lambda_, low=0.0)
+    factor_k = _check_flag("scale_by_num_tasks", scale_by_num_tasks)
+    _check_flag("single_batch", single_batch)
 
     def update(gram, losses, state, **extra):
         k, gram, _ = check_inputs(weighting, gram, losses)
         _check_state(state, k)
-        a = _cross_or_gram(gram, extra, k)
+        a = _cross_or_gram(gram, extra, k, single_batch, "sdmgrad")
         scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diagonal(a), 0.0))) ** 2
         a = a / jnp.where(scale > 0, scale, 1.0)
         mean = jnp.full((k,), 1.0 / k, a.dtype)
@@ -139,23 +176,28 @@ def sdmgrad(
         finite = jnp.all(jnp.isfinite(a))
         w = jnp.where(finite, w, jnp.nan)
         new_state = SimplexWeightsState(jnp.where(finite, w, state.weights).astype(jnp.float32))
-        return finish((w + lambda_ * mean) / (1.0 + lambda_)), new_state
+        factor = k if factor_k else 1.0
+        return finish(factor * (w + lambda_ * mean) / (1.0 + lambda_)), new_state
 
     weighting = Weighting(_init_simplex, update, needs_gram=True, homogeneity=0.0)
     return weighting
 
 
-def modo(*, gamma: float = 0.1, rho: float = 0.1) -> Weighting:
+def modo(*, gamma: float = 0.1, rho: float = 0.1, single_batch: bool = False) -> Weighting:
     """MoDo: one projected-gradient step on the task weights per call.
 
     Args:
-      gamma: step size of the weight update (> 0).
-      rho: ℓ2 regularisation of the weights (≥ 0).
+      gamma: step size of the weight update (> 0; 0.1, the authors' and torchjd's; LibMTL
+        uses 1e-3).
+      rho: ℓ2 regularisation of the weights (≥ 0; 0.1, the authors' and LibMTL's).
+      single_batch: without ``cross_gram=``, use the single-batch Gram instead of raising.
 
     Extra keyword of ``update``: ``cross_gram`` (see the module doc). Not homogeneous in the
     Gram (the step size is absolute): ``homogeneity = None``.
 
-    Checked in ``tests/test_two_batch.py`` against a NumPy transcription over several calls.
+    Checked in ``tests/test_two_batch.py`` against a NumPy transcription over several calls,
+    against torchjd's ``MoDoWeighting`` and against LibMTL's ``MoDo``
+    (``tests/test_reference_fixtures.py``).
 
     Example::
 
@@ -164,11 +206,12 @@ def modo(*, gamma: float = 0.1, rho: float = 0.1) -> Weighting:
     """
     gamma = check_real("gamma", gamma, low=0.0, low_open=True)
     rho = check_real("rho", rho, low=0.0)
+    _check_flag("single_batch", single_batch)
 
     def update(gram, losses, state, **extra):
         k, gram, _ = check_inputs(weighting, gram, losses)
         _check_state(state, k)
-        a = _cross_or_gram(gram, extra, k)
+        a = _cross_or_gram(gram, extra, k, single_batch, "modo")
         weights = state.weights.astype(a.dtype)
         weights = project_to_simplex(weights - gamma * (a @ weights + rho * weights))
         finite = jnp.all(jnp.isfinite(a))
