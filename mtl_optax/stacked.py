@@ -69,12 +69,10 @@ def _ones(k):
 
 
 def _per_leaf_zeros(k, shapes):
-    """``(K, *shape)`` zeros (float32 or wider) per candidate shared leaf, ``(0,)`` elsewhere."""
+    """``(K, *shape)`` zeros (float32 or wider) per candidate shared leaf, ``None`` elsewhere
+    (an empty subtree: checkpointers refuse zero-size arrays)."""
     return tuple(
-        jnp.zeros((k, *s.shape), accumulation_dtype(s))
-        if s is not None
-        else jnp.zeros((0,), jnp.float32)
-        for s in shapes
+        jnp.zeros((k, *s.shape), accumulation_dtype(s)) if s is not None else None for s in shapes
     )
 
 
@@ -187,7 +185,7 @@ def graddrop(*, key: jax.Array, leak: float | Any = 0.0) -> StackedAggregator:
 
 class DBMTLState(NamedTuple):
     count: jax.Array  # int32 steps taken
-    buffers: tuple  # per leaf: (K, *shape) gradient EMA for shared leaves, (0,) otherwise
+    buffers: tuple  # per leaf: (K, *shape) gradient EMA for shared leaves, None otherwise
 
 
 def check_losses(losses, name):
@@ -289,7 +287,7 @@ class ExcessMTLState(NamedTuple):
     weights: jax.Array  # (K,) simplex weights p (init 1/K); the method returns K·p or p
     baseline: jax.Array  # (K,) excess risk of the first post-warm-up call (or warm-up mean)
     warmup_sum: jax.Array  # (K,) summed excess risks of the warm-up calls
-    squares: tuple  # per leaf: (K, *shape) summed squared gradients (shared), (0,) otherwise
+    squares: tuple  # per leaf: (K, *shape) summed squared gradients (shared), None otherwise
 
 
 def excess_mtl(
@@ -395,7 +393,7 @@ def excess_mtl(
 
 class MoCoState(NamedTuple):
     count: jax.Array  # int32 calls so far
-    tracked: tuple  # per leaf: (K, *shape) tracked gradients y (shared), (0,) otherwise
+    tracked: tuple  # per leaf: (K, *shape) tracked gradients y (shared), None otherwise
     weights: MoCoWeightsState  # the weight step's state (λ and its own count)
 
 

@@ -120,7 +120,9 @@ def test_fairgrad_through_aggregate_at_extreme_scales(scale):
     alpha = 2.0
     t = mtl.aggregate(mtl.fairgrad(alpha=alpha), tasks=3, shared=True)
     params = jnp.zeros(jac.shape[1])
-    _, state = jax.jit(t.update)(jnp.asarray(jac, jnp.float32), t.init(params), params)
+    _, state = jax.jit(t.update)(
+        mtl.TaskGradients(jnp.asarray(jac, jnp.float32)), t.init(params), params
+    )
     w = np.asarray(state.weights, np.float64)
     gram = jac @ jac.T
     residual = (gram @ w - w ** (-1 / alpha)) / (np.abs(gram) @ w)
