@@ -8,8 +8,11 @@ weights come from the losses alone, must report the same weights in every path.
 
 Paths: the split at tiers 1/2 (``gram="features"``), the bounded-memory mode
 (``gram="parameters"``), tier 3 through ``aggregate``; the whole model at tier 3 with a
-``shared`` mask and through ``value_and_grad``; flax nnx (split tier 3 under
-``nnx.Optimizer``, split tiers 1/2) and a linen ``TrainState``.
+``shared`` mask and through ``value_and_grad`` — for every weighting, in one compiled
+function each. The flax wrappers (nnx split tier 3 under ``nnx.Optimizer``, nnx split tiers
+1/2, a linen ``TrainState``) run the same code behind their own plumbing; they are checked
+for one weighting of each kind (losses only, losses and diag(G) with loss-weight semantics,
+Gram), which is what changes the rule.
 """
 
 import jax
@@ -41,14 +44,13 @@ def plain_paths(weighting, params, batch):
     def run(params):
         out = {}
         for name, heads, gram in (
-            ("split tier 1/2, sequence", models.HEADS, "features"),
-            ("split tier 1/2, stacked", models.STACKED_HEADS, "features"),
+            ("split tier 1/2", models.STACKED_HEADS, "features"),
             ("split bounded", models.NAMED_HEADS, "parameters"),
         ):
             grad_fn = mtl.split_value_and_grad(models.encode, heads, weighting, gram=gram)
             _, grads, state = grad_fn(params, batch, grad_fn.init(params))
             out[name] = (state.weights, grads["heads"])
-        losses, task_grads = mtl.split_value_and_jacobian(models.encode, models.STACKED_HEADS)(
+        losses, task_grads = mtl.split_value_and_jacobian(models.encode, models.HEADS)(
             params, batch
         )
         t = mtl.aggregate(weighting, tasks=K)
@@ -102,6 +104,7 @@ def nnx_paths(weighting, params, batch):
     grad_fn = mtl_nnx.split_value_and_grad(encoder, heads, weighting)
     model = NnxModel(params)
     _, grads, state = nnx.jit(grad_fn)(model, batch, grad_fn.init(model))
+    grads = nnx.as_pure(grads)
     out["nnx split tier 1/2"] = (state.weights, (grads["heads"], grads["heads_bias"]))
     return {k: (w, {"w": h[0], "b": h[1]}) for k, (w, h) in out.items()}
 
@@ -141,16 +144,18 @@ def linen_path(weighting, params, batch):
     return {"linen TrainState": (mtl.task_weights(new.opt_state), update)}
 
 
+FLAX_CHECKED = ("famo", "gradnorm", "upgrad")  # losses only; losses + diag(G), c = w; Gram
+
+
 @pytest.mark.parametrize("name", list(zoo.WEIGHTINGS))
 def test_every_path_obeys_the_head_rule(name):
     weighting = zoo.WEIGHTINGS[name](K)
     params = models.init_params(jax.random.PRNGKey(0))
     batch = models.make_batch(jax.random.PRNGKey(1))
-    results = {
-        **plain_paths(weighting, params, batch),
-        **nnx_paths(weighting, params, batch),
-        **linen_path(weighting, params, batch),
-    }
+    results = plain_paths(weighting, params, batch)
+    if name in FLAX_CHECKED:
+        results.update(nnx_paths(weighting, params, batch))
+        results.update(linen_path(weighting, params, batch))
     for path, (weights, heads) in results.items():
         expected = expected_heads(
             lambda p: models.task_losses(p, batch), params, weights, weighting
