@@ -6,10 +6,10 @@ Two tables, measured in one run:
   median of ``--solve-calls`` calls after warm-up (µs), for K in ``--num-tasks`` (default
   2, 10, 64). Stateful weightings are timed from their initial state.
 * the full training step at K = ``--step-tasks`` (10) with ``--step-method`` (upgrad or
-  mgda): the model of ``benchmarks/speed.py`` (trunk
-  784 → 512 → 512 ReLU, K linear 10-way heads, batch 256, Adam), ``value_and_jacobian`` +
-  ``aggregate`` in JAX beside torchjd's ``mtl_backward`` + ``jac_to_grad(trunk, UPGrad())``
-  on the identical PyTorch model, with the ratio ours / torchjd (medians, same run). The
+  mgda): the model of ``benchmarks/speed.py`` (trunk 784 → 512 → 512 ReLU, K linear 10-way
+  heads, batch 256, Adam), ``split_value_and_jacobian`` (its stacked heads) + ``aggregate``
+  in JAX beside torchjd's ``mtl_backward`` + ``jac_to_grad(trunk, UPGrad())`` on the
+  identical PyTorch model, with the ratio ours / torchjd (medians, same run). The
   torch part runs only when torch and torchjd are importable; otherwise the table says
   "torchjd not installed".
 
@@ -30,13 +30,13 @@ import optax
 import mtl_optax as mtl
 from benchmarks import common
 from benchmarks.speed import (
+    HEADS,
     _num_cores,
     encode,
     init_params,
     interleaved_medians,
     jax_call,
     median_seconds,
-    split_heads,
     torch_available,
     torch_calls,
 )
@@ -89,8 +89,8 @@ def time_solve(weighting: mtl.Weighting, num_tasks: int, *, calls: int) -> float
 def tier3_step(weighting: mtl.Weighting, num_tasks: int, params):
     """Exact tier 3 through the encoder/heads split (per-task gradients of the trunk only,
     as torchjd's ``mtl_backward`` computes them)."""
-    opt = optax.chain(mtl.aggregate(weighting, num_tasks=num_tasks), optax.adam(1e-3))
-    jac_fn = mtl.split_value_and_jacobian(encode, split_heads, num_tasks=num_tasks)
+    opt = optax.chain(mtl.aggregate(weighting, tasks=num_tasks), optax.adam(1e-3))
+    jac_fn = mtl.split_value_and_jacobian(encode, HEADS)
 
     def step(state, batch):
         params, opt_state = state

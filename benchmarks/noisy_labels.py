@@ -116,9 +116,10 @@ def logits_fn(params, x: jax.Array) -> jax.Array:
 def make_step(method: str, *, batch_size: int, lr: float) -> tuple[Callable, Callable[[Any], Any]]:
     """``step(state, key, data) -> (state, metrics)`` for one seed, and ``init(params)``.
 
-    ``data`` is ``(x_noisy, y_noisy, x_clean, y_clean)`` with this seed's noisy labels.
-    Tier-1 methods take one backward pass of ``Σ w_i L_i`` (:func:`weighted_value_and_grad`);
-    tier-3 methods the two per-task gradients (:func:`value_and_jacobian` + :func:`aggregate`).
+    ``data`` is ``(x_noisy, y_noisy, x_clean, y_clean)`` with this seed's noisy labels. Every
+    parameter is shared by the two tasks (``shared=True``). Tier-1 methods take one backward
+    pass of ``Σ w_i L_i`` (:func:`mtl_optax.value_and_grad`); tier-3 methods the two
+    per-task gradients (:func:`mtl_optax.value_and_jacobian` + :func:`mtl_optax.aggregate`).
     """
     tier, make_weighting = METHODS[method]
     weighting = make_weighting()
@@ -132,48 +133,43 @@ def make_step(method: str, *, batch_size: int, lr: float) -> tuple[Callable, Cal
             common.sample_batch(k_clean, (x_clean, y_clean), batch_size),
         )
 
-    def encode(params, batches):  # the whole network is shared: z is the logits
-        return [logits_fn(params, x) for x, _ in batches]
-
-    def heads(params, logits, batches):
-        del params
-        return jnp.stack(
-            [
-                optax.losses.softmax_cross_entropy_with_integer_labels(z, y).mean()
-                for z, (_, y) in zip(logits, batches)
-            ]
-        )
+    def task_losses(params, batches) -> dict[str, jax.Array]:
+        """Mean cross-entropy of each task on its own batch, keyed by task name."""
+        ce = optax.losses.softmax_cross_entropy_with_integer_labels
+        return {
+            name: ce(logits_fn(params, x), y).mean() for name, (x, y) in zip(TASK_NAMES, batches)
+        }
 
     if tier == "1":
-        grad_fn = mtl.weighted_value_and_grad(encode, heads, weighting)
+        grad_fn = mtl.value_and_grad(task_losses, weighting, tasks=TASK_NAMES, shared=True)
 
         def step(state, key, data):
             params, opt_state, wstate = state
-            out = grad_fn(params, sample(key, data), wstate)
-            updates, opt_state = adam.update(out.grads, opt_state, params)
+            losses, grads, wstate = grad_fn(params, sample(key, data), wstate)
+            updates, opt_state = adam.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state, out.weighting_state), _metrics(out.losses, out.weights)
+            return (params, opt_state, wstate), _metrics(losses, mtl.task_weights(wstate))
 
-        return step, lambda p: (p, adam.init(p), weighting.init(2))
+        return step, lambda p: (p, adam.init(p), grad_fn.init(p))
 
-    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2, shared=True), adam)
-    jac_fn = mtl.value_and_jacobian(lambda p, b: heads(p, encode(p, b), b))
+    opt = optax.chain(mtl.aggregate(weighting, tasks=TASK_NAMES, shared=True), adam)
+    jac_fn = mtl.value_and_jacobian(task_losses)
 
     def step(state, key, data):
         params, opt_state = state
         losses, task_grads = jac_fn(params, sample(key, data))
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), _metrics(losses, opt_state[0].weights)
+        return (params, opt_state), _metrics(losses, mtl.task_weights(opt_state))
 
     return step, lambda p: (p, opt.init(p))
 
 
-def _metrics(losses: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+def _metrics(losses: jax.Array, weights: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out = {"loss": losses[0]}  # the primary objective: the noisy-label loss
     for t, name in enumerate(TASK_NAMES):
         out[f"loss_{name}"] = losses[t]
-        out[f"w_{name}"] = weights[t]
+        out[f"w_{name}"] = weights[name]
     return out
 
 

@@ -16,8 +16,11 @@ loss-based (tier-1) weighting of the library is trained, with its default
 hyper-parameters, except for the window lengths that the sources count in epochs (DWA's
 averaging window and STCH's warm-up, ``--window`` steps, about half an epoch here), plus
 GradNorm (reads ``diag(G)``), gradient-normalized ``Σ g_i/‖g_i‖`` and MGDA, which need
-per-task gradients and run in tier 3 on the trunk parameters. Nothing is tuned; the test
-pairs are only used for the final evaluation.
+per-task gradients and run in tier 3 on the trunk parameters. The model is written as the
+encoder/heads split (the main job's ``encode`` and :func:`make_heads`, one head per task
+keyed by name); the heads follow the library's head rule: head ``i`` gets ``w_i ∇L_i``
+from a loss weighting and from GradNorm, its own ``∇L_i`` from gradient-normalized and
+MGDA. Nothing is tuned; the test pairs are only used for the final evaluation.
 
 Reported: test accuracy of both digits and the test RMSE of the predicted sum (in digits,
 unscaled), mean ± std over seeds; the plot shows each method's weights over training,
@@ -88,22 +91,32 @@ def outputs(params, z) -> list[jax.Array]:
     return [left, right, total[:, 0]]
 
 
-def make_heads(scale: float):
-    def heads(params, z, batch) -> jax.Array:
-        """(3,) task losses: two mean cross-entropies and ``scale`` × the mean squared error."""
-        _, y = batch
-        left, right, total = outputs(params, z)
-        ce = optax.losses.softmax_cross_entropy_with_integer_labels
-        sq = jnp.mean((total - (y[:, 0] + y[:, 1]).astype(total.dtype)) ** 2)
-        return jnp.stack([ce(left, y[:, 0]).mean(), ce(right, y[:, 1]).mean(), scale * sq])
+def make_heads(scale: float) -> dict[str, Callable]:
+    """The three heads for the split, keyed by task name: two mean cross-entropies and
+    ``scale`` × the mean squared error of the predicted sum."""
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels
 
-    return heads
+    def digit(task: int) -> Callable:
+        def head(params, z, batch) -> jax.Array:
+            _, y = batch
+            return ce(outputs(params, z)[task], y[:, task]).mean()
+
+        return head
+
+    def total(params, z, batch) -> jax.Array:
+        _, y = batch
+        predicted = outputs(params, z)[2]
+        return scale * jnp.mean((predicted - (y[:, 0] + y[:, 1]).astype(predicted.dtype)) ** 2)
+
+    return {"left": digit(0), "right": digit(1), "sum": total}
 
 
 # --------------------------------------------------------------------------- training
-def make_step(tier: str, weighting: mtl.Weighting, params, data, args):
-    """Pure ``step(state, key) -> (state, metrics)`` of one run and ``init(params, wstate)``."""
-    heads = make_heads(args.scale)
+def make_step(tier: str, weighting: mtl.Weighting, heads: dict[str, Callable], data, args):
+    """Pure ``step(state, key) -> (state, metrics)`` of one run, and ``init(params, seed_w)``.
+
+    ``init`` makes the method's state with ``seed_w``, a weighting from the same constructor
+    as ``weighting`` (RLW: the seed's own key, which lives in the state)."""
     adam = optax.adam(args.lr)
 
     def sample(key):
@@ -112,37 +125,39 @@ def make_step(tier: str, weighting: mtl.Weighting, params, data, args):
     def metrics(losses, weights):
         out = {"loss": jnp.sum(losses)}
         for t, name in enumerate(TASKS):
-            out[f"loss_{name}"], out[f"w_{name}"] = losses[t], weights[t]
+            out[f"loss_{name}"], out[f"w_{name}"] = losses[t], weights[name]
         return out
 
     if tier == "1":
-        grad_fn = mtl.weighted_value_and_grad(multimnist.encode, heads, weighting)
+
+        def grad_fn(weighting):
+            return mtl.split_value_and_grad(multimnist.encode, heads, weighting)
+
+        tier1 = grad_fn(weighting)
 
         def step(state, key):
             params, opt_state, wstate = state
-            out = grad_fn(params, sample(key), wstate)
-            updates, opt_state = adam.update(out.grads, opt_state, params)
+            losses, grads, wstate = tier1(params, sample(key), wstate)
+            updates, opt_state = adam.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state, out.weighting_state), metrics(out.losses, out.weights)
+            return (params, opt_state, wstate), metrics(losses, mtl.task_weights(wstate))
 
-        return step, lambda p, wstate: (p, adam.init(p), wstate)
+        return step, lambda p, seed_w: (p, adam.init(p), grad_fn(seed_w).init(p))
 
-    transform = mtl.aggregate(weighting, num_tasks=NUM_TASKS, shared=multimnist.shared_mask(params))
-    opt = optax.chain(transform, adam)
-    jac_fn = mtl.value_and_jacobian(lambda p, b: heads(p, multimnist.encode(p, b), b))
+    def optimizer(weighting):
+        return optax.chain(mtl.aggregate(weighting, tasks=TASKS), adam)
+
+    opt = optimizer(weighting)
+    jac_fn = mtl.split_value_and_jacobian(multimnist.encode, heads)
 
     def step(state, key):
         params, opt_state = state
         losses, task_grads = jac_fn(params, sample(key))
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), metrics(losses, opt_state[0].weights)
+        return (params, opt_state), metrics(losses, mtl.task_weights(opt_state))
 
-    def init(p, wstate):
-        opt_state = opt.init(p)
-        return p, (opt_state[0]._replace(weighting_state=wstate), *opt_state[1:])
-
-    return step, init
+    return step, lambda p, seed_w: (p, optimizer(seed_w).init(p))
 
 
 def over_seeds(step):
@@ -227,14 +242,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for method in names:
         tier, factory = methods[method]
         weighting = factory(0)
-        step, init = make_step(tier, weighting, init_params(jax.random.PRNGKey(0)), data, args)
+        step, init = make_step(tier, weighting, make_heads(args.scale), data, args)
         # one compiled program trains all seeds side by side (vmap), each with its own
         # initialisation and minibatch order; RLW also gets its own key per seed
         states = [
-            init(
-                init_params(jax.random.fold_in(jax.random.PRNGKey(s), 0)),
-                factory(s).init(NUM_TASKS),
-            )
+            init(init_params(jax.random.fold_in(jax.random.PRNGKey(s), 0)), factory(s))
             for s in seeds
         ]
         states = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *states)

@@ -10,14 +10,15 @@ in machine load hits all of them alike; the two PyTorch steps are interleaved wi
 other in separate rounds (idle PyTorch threads would slow the JAX calls):
 
 * ``plain`` -- ``jax.grad`` of the summed task losses (what one would write without this
-  library);
-* ``tier 1`` -- ``weighted_value_and_grad`` with ``mean_weighting`` (one backward pass);
-* ``tier 2 MGDA`` -- ``weighted_value_and_grad`` with ``mgda()``: Gram of ``∂L_i/∂z`` at
-  the 512-d trunk output, then one backward pass;
-* ``tier 2 MGDA (split)`` -- ``split_value_and_grad`` with ``mgda()``: the same feature
-  Gram, all K feature gradients from one backward pass through the heads;
+  library; the K heads as one einsum over the stacked head weights);
+* ``tier 1 (split)`` -- ``split_value_and_grad`` with ``mean_weighting()`` (one backward
+  pass);
+* ``tier 2 MGDA (split)`` -- ``split_value_and_grad`` with ``mgda()``: Gram of
+  ``∂L_i/∂z`` at the 512-d trunk output, all K feature gradients from one backward pass
+  through the heads, then one encoder backward pass;
 * ``tier 3 MGDA (split)`` -- ``split_value_and_jacobian`` (K encoder backward passes, head
-  gradients from the summed loss) then ``optax.chain(aggregate(mgda()), adam)``, no mask;
+  gradients from the same heads pass) then ``optax.chain(aggregate(mgda()), adam)``, no
+  mask;
 * ``tier 3 MGDA (bounded)`` -- ``split_value_and_grad(gram="parameters", chunk_size=c)``:
   the same weights and update without holding the K x encoder Jacobian;
 * ``K encoder backwards`` -- the compute floor of exact tier 3 through the split: one
@@ -31,6 +32,10 @@ other in separate rounds (idle PyTorch threads would slow the JAX calls):
   ``jac_to_grad(trunk.parameters(), MGDA())`` and ``torch.optim.Adam``; its ratio is to
   our tier-3 MGDA through the split (the same computation: K encoder backward passes).
   A plain PyTorch summed-loss step is timed too, for reference.
+
+Every step through the split gives the heads as ``mtl.stacked_heads`` (:data:`HEADS`): one
+head function vmapped over the stacked head parameters, the same model and arithmetic as
+the plain step's einsum.
 
 A memory table (``--memory-tasks``, default K = 10 64 256) gives, for the plain step and
 the two exact tier-3 modes through the split, the peak memory of the compiled step (XLA's
@@ -94,12 +99,15 @@ def heads(params, z, batch) -> jax.Array:
     return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y.T).mean(axis=1)
 
 
-def split_heads(params, features, batch) -> jax.Array:
-    """``heads`` for the split: head k reads only ``features[k]`` (K copies of z)."""
+def head(head_params, z, batch, task) -> jax.Array:
+    """Mean cross-entropy of head ``task`` (``head_params``: its slice, w (512, 10), b (10,))."""
     _, y = batch
-    logits = jnp.einsum("kbd,kdc->kbc", features, params["heads"]["w"])
-    logits = logits + params["heads"]["b"][:, None]
-    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y.T).mean(axis=1)
+    logits = z @ head_params["w"] + head_params["b"]
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y[:, task]).mean()
+
+
+HEADS = mtl.stacked_heads(head, head_params=lambda params: params["heads"])
+"""The K heads for the split: ``head`` vmapped over the task axis of ``params["heads"]``."""
 
 
 def task_losses(params, batch) -> jax.Array:
@@ -123,22 +131,9 @@ def make_steps(
 
     steps["plain"] = (plain_step(adam), (params, adam.init(params)))
 
-    for name, weighting in (("tier 1", mtl.mean_weighting()), ("tier 2 MGDA", mtl.mgda())):
-        grad_fn = mtl.weighted_value_and_grad(encode, heads, weighting)
-
-        def weighted(state, batch, grad_fn=grad_fn):
-            params, opt_state, wstate = state
-            out = grad_fn(params, batch, wstate)
-            updates, opt_state = adam.update(out.grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, out.weighting_state
-
-        steps[name] = (weighted, (params, adam.init(params), weighting.init(num_tasks)))
-
     for name, (fn, make_state) in split_steps(num_tasks, adam).items():
         steps[name] = (fn, make_state(params))
-    opt = optax.chain(
-        mtl.aggregate(mtl.mgda(), num_tasks=num_tasks, shared=shared_mask(params)), adam
-    )
+    opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=num_tasks, shared=shared_mask(params)), adam)
     for strategy in strategies:
         chunk = chunk_size_for(num_tasks) if strategy == "chunked" else None
         jac_fn = mtl.value_and_jacobian(task_losses, strategy=strategy, chunk_size=chunk)
@@ -156,28 +151,25 @@ def make_steps(
 
 def split_steps(num_tasks: int, adam) -> dict[str, tuple[Callable, Callable]]:
     """The steps through the encoder/heads split: name -> (step, state factory)."""
-    weighting = mtl.mgda()
     out: dict[str, tuple[Callable, Any]] = {}
-    tier2 = mtl.split_value_and_grad(encode, split_heads, weighting, num_tasks=num_tasks)
-    bounded = mtl.split_value_and_grad(
-        encode,
-        split_heads,
-        weighting,
-        num_tasks=num_tasks,
-        gram="parameters",
-        chunk_size=bounded_chunk(num_tasks),
-    )
-    for name, grad_fn in (("tier 2 MGDA (split)", tier2), ("tier 3 MGDA (bounded)", bounded)):
+    grad_fns = {
+        "tier 1 (split)": mtl.split_value_and_grad(encode, HEADS, mtl.mean_weighting()),
+        "tier 2 MGDA (split)": mtl.split_value_and_grad(encode, HEADS, mtl.mgda()),
+        "tier 3 MGDA (bounded)": mtl.split_value_and_grad(
+            encode, HEADS, mtl.mgda(), gram="parameters", chunk_size=bounded_chunk(num_tasks)
+        ),
+    }
+    for name, grad_fn in grad_fns.items():
 
         def weighted(state, batch, grad_fn=grad_fn):
             params, opt_state, wstate = state
-            out = grad_fn(params, batch, wstate)
-            updates, opt_state = adam.update(out.grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, out.weighting_state
+            _, grads, wstate = grad_fn(params, batch, wstate)
+            updates, opt_state = adam.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, wstate
 
-        out[name] = (weighted, lambda p: (p, adam.init(p), weighting.init(num_tasks)))
-    jac = mtl.split_value_and_jacobian(encode, split_heads, num_tasks=num_tasks)
-    opt = optax.chain(mtl.aggregate(weighting, num_tasks=num_tasks), adam)
+        out[name] = (weighted, lambda p, grad_fn=grad_fn: (p, adam.init(p), grad_fn.init(p)))
+    jac = mtl.split_value_and_jacobian(encode, HEADS)
+    opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=num_tasks), adam)
 
     def tier3(state, batch):
         params, opt_state = state
@@ -438,8 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         strategies.insert(0, DEFAULT_STRATEGY)  # torchjd's ratio refers to it
     names = [
         "plain",
-        "tier 1",
-        "tier 2 MGDA",
+        "tier 1 (split)",
         "tier 2 MGDA (split)",
         *(f"tier 3 MGDA ({s})" for s in strategies),
         "tier 3 MGDA (split)",

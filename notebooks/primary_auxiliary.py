@@ -75,8 +75,9 @@ print(
 # %% [markdown]
 # The model is a plain-JAX MLP whose parameters are all shared by the two tasks. A
 # training step computes the two task losses and their per-task gradients
-# (`mtl.value_and_jacobian`) and hands them to `mtl.aggregate(weighting)`, which combines
-# them in front of Adam. **Changing the method is changing the weighting**, nothing else.
+# (`mtl.value_and_jacobian`) and hands them to `mtl.aggregate(method, tasks=2, shared=True)`
+# (every parameter shared), which combines them in front of Adam. **Changing the method is
+# changing the first argument of `aggregate`**, nothing else.
 
 # %%
 SIZES = (784, 64, 10) if SMALL else (784, 256, 128, 10)
@@ -92,8 +93,8 @@ def task_losses(params, batches):
     )
 
 
-def train_noisy(weighting, *, steps=STEPS, batch_size=128, seed=0):
-    opt = optax.chain(mtl.aggregate(weighting, num_tasks=2, shared=True), optax.adam(1e-3))
+def train_noisy(method, *, steps=STEPS, batch_size=128, seed=0):
+    opt = optax.chain(mtl.aggregate(method, tasks=2, shared=True), optax.adam(1e-3))
     value_and_jac = mtl.value_and_jacobian(task_losses)
 
     def step(state, key):
@@ -106,7 +107,7 @@ def train_noisy(weighting, *, steps=STEPS, batch_size=128, seed=0):
         losses, task_grads = value_and_jac(params, batches)
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), {"losses": losses, "weights": opt_state[0].weights}
+        return (params, opt_state), {"losses": losses, "weights": mtl.task_weights(opt_state)}
 
     def evaluate(state):
         return {"test_acc": common.accuracy(common.mlp(state[0], data.x_test), data.y_test)}
@@ -122,7 +123,7 @@ METHODS = {
     "UPGrad": mtl.upgrad(),
     "primary/auxiliary": mtl.primary_auxiliary(primary=0),
 }
-histories = {name: train_noisy(weighting) for name, weighting in METHODS.items()}
+histories = {name: train_noisy(method) for name, method in METHODS.items()}
 for name, h in histories.items():
     print(
         f"{name:>18}: test accuracy {h['test_acc'][-1]:.1%} after {STEPS} steps "

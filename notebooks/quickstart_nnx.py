@@ -4,8 +4,8 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/@GITHUB_REPO@/blob/main/notebooks/quickstart_nnx.ipynb)
 #
 # A multi-task model has one loss per task. How those losses (or their gradients) are
-# combined into one update is the *method*; in `mtl_optax` it is a single object, a
-# **weighting**, and changing the method is changing one line. This notebook trains the
+# combined into one update is the *method*; in `mtl_optax` it is a single object
+# (`mtl.famo()`, `mtl.mgda()`, ...), and changing the method is changing one line. This notebook trains the
 # same `flax.nnx` model on MultiMNIST three times:
 #
 # * **FAMO** (Liu et al., 2023), a *loss weighting*: the weights come from the losses alone,
@@ -64,13 +64,14 @@ plt.show()
 # %% [markdown]
 # ## The model: a shared trunk and two heads
 #
-# `mtl_optax` needs the model described by two functions, so that it knows which parameters
-# the tasks share without a mask:
+# `mtl_optax` needs the model described as an encoder and one head per task, so that it
+# knows which parameters the tasks share without a mask:
 #
 # * `encode(model, batch)` returns the shared features `z`;
-# * `heads(model, features, batch)` returns the `(2,)` task losses, where `features` holds
-#   one copy of `z` per task and **task i reads only `features[i]`** (the copies keep the
-#   tasks apart in the backward pass, so that one pass gives every `∂L_i/∂z`).
+# * `HEADS` is a dict of per-task losses `head(model, z, batch) -> scalar`, keyed by the
+#   task names. The library gives each head its own copy of `z` (the copies keep the tasks
+#   apart in the backward pass, so that one pass through the heads gives every `∂L_i/∂z`),
+#   and the task names come back with the weights.
 
 
 # %%
@@ -90,15 +91,11 @@ def encode(model, batch):
     return model.trunk(batch[0])
 
 
-def heads(model, features, batch):  # task i reads only features[i]
-    labels = batch[1]
-    ce = optax.losses.softmax_cross_entropy_with_integer_labels
-    return jnp.stack(
-        [
-            ce(model.left(features[0]), labels[:, 0]).mean(),
-            ce(model.right(features[1]), labels[:, 1]).mean(),
-        ]
-    )
+ce = optax.losses.softmax_cross_entropy_with_integer_labels
+HEADS = {
+    "left": lambda model, z, batch: ce(model.left(z), batch[1][:, 0]).mean(),
+    "right": lambda model, z, batch: ce(model.right(z), batch[1][:, 1]).mean(),
+}
 
 
 def test_accuracy(model):
@@ -110,10 +107,11 @@ def test_accuracy(model):
 # %% [markdown]
 # ## One training function for every method
 #
-# `mtl_nnx.split_value_and_grad` returns the task losses and ordinary `nnx.grad`-shaped
-# gradients of the weighted loss, so any `nnx.Optimizer` applies them. The weighting's own
-# state (FAMO's logits, MGDA's warm start) lives in a `TaskWeighting` object, updated in
-# place like the model, which also keeps the last weights for logging.
+# `mtl_nnx.split_value_and_grad(encode, HEADS, method)` returns a function of the model,
+# the batch and the method's state that gives the task losses, ordinary `nnx.grad`-shaped
+# gradients (any `nnx.Optimizer` applies them) and the new state. The method's state (FAMO's
+# logits, MGDA's warm start, the last weights) is made by `grad_fn.init(model)` and passed
+# from step to step like the optimizer; `mtl.task_weights(state)` reads the weights.
 #
 # * A loss weighting (FAMO) needs no gradients: one backward pass of `Σ w_i L_i`.
 # * A gradient method (MGDA, UPGrad) with `gram="parameters"` gets the exact Gram matrix
@@ -124,24 +122,26 @@ def test_accuracy(model):
 
 
 # %%
-def train(weighting, *, steps=STEPS, seed=0):
+def train(method, *, steps=STEPS, seed=0):
     model = MultiTaskMLP(nnx.Rngs(seed))  # the same initialisation for every method
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-    home = mtl_nnx.TaskWeighting(weighting, num_tasks=2)
-    gram = "parameters" if weighting.needs_gram else "features"  # unused by a loss weighting
-    value_and_grad = mtl_nnx.split_value_and_grad(encode, heads, gram=gram)
+    gram = "parameters" if method.needs_gram else "features"  # unused by a loss weighting
+    grad_fn = mtl_nnx.split_value_and_grad(encode, HEADS, method, gram=gram)
+    state = grad_fn.init(model)
 
     @nnx.jit
-    def train_step(model, optimizer, home, batch):
-        losses, grads = value_and_grad(model, home, batch)
+    def train_step(model, optimizer, state, batch):
+        losses, grads, state = grad_fn(model, batch, state)
         optimizer.update(model, grads)
-        return losses, home.weights[...]
+        weights = mtl.task_weights(state)  # {"left": w_left, "right": w_right}
+        return losses, jnp.stack([weights["left"], weights["right"]]), state
 
     keys = jax.random.split(jax.random.PRNGKey(1), steps)  # the same batches for every method
     history = []
     for key in keys:
         idx = jax.random.randint(key, (BATCH,), 0, TRAIN_PAIRS)
-        history.append(train_step(model, optimizer, home, (x_train[idx], y_train[idx])))
+        losses, weights, state = train_step(model, optimizer, state, (x_train[idx], y_train[idx]))
+        history.append((losses, weights))
     losses, weights = (np.stack(v) for v in zip(*jax.device_get(history)))
     return {"losses": losses, "weights": weights, "accuracy": test_accuracy(model)}
 
@@ -149,7 +149,7 @@ def train(weighting, *, steps=STEPS, seed=0):
 # %% [markdown]
 # ## Three methods, one changed line
 #
-# The only difference between the three runs is the weighting passed to `train`:
+# The only difference between the three runs is the method passed to `train`:
 
 # %%
 METHODS = {
@@ -158,9 +158,9 @@ METHODS = {
     "UPGrad": mtl.upgrad(),  # projections onto the dual cone, averaged
 }
 results = {}
-for name, weighting in METHODS.items():
+for name, method in METHODS.items():
     start = time.perf_counter()
-    results[name] = train(weighting)
+    results[name] = train(method)
     left, right = results[name]["accuracy"]
     print(
         f"{name:>6}: test accuracy left {left:.1%}, right {right:.1%} "
@@ -201,9 +201,11 @@ plt.show()
 # * Every weighting of the library drops into `train` the same way: `mtl.upgrad()`,
 #   `mtl.cagrad()`, `mtl.dualproj()`, `mtl.real_time_weighting()`, `mtl.uncertainty_weighting()`,
 #   `mtl.primary_auxiliary(primary=0)`, ...
-# * With `nnx.Optimizer(model, optax.chain(mtl.aggregate(weighting, num_tasks=2),
-#   optax.adam(1e-3)), wrt=nnx.Param)` and `mtl_nnx.split_value_and_jacobian(encode, heads,
-#   num_tasks=2)` the per-task gradients go through the optimizer instead (the exact tier 3
-#   path; `mtl.task_weights(optimizer.opt_state)` reads the weights back).
+# * With `nnx.Optimizer(model, optax.chain(mtl.aggregate(method, tasks=["left", "right"]),
+#   optax.adam(1e-3)), wrt=nnx.Param)` and `mtl_nnx.split_value_and_jacobian(encode, HEADS)`
+#   the per-task gradients go through the optimizer instead (the exact tier 3 path, which
+#   also runs the methods that combine the stacked gradients coordinate by coordinate, such
+#   as `mtl.graddrop(key=...)` or `mtl.db_mtl()`; `mtl.task_weights(optimizer)` reads the
+#   weights back).
 # * The main benchmark, `python -m benchmarks.multimnist`, compares a representative of every
 #   method family on this data over three seeds (`--all` for every method).

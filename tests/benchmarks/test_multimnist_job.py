@@ -11,7 +11,8 @@ import numpy as np
 from benchmarks import multimnist, speed
 
 CHANCE = 0.1
-METHODS = ("equal weights", "MGDA")  # tier 1 (split_value_and_grad), tier 3 (aggregate)
+# tier 1 (split_value_and_grad), tier 3 (aggregate), a stacked aggregator through aggregate
+METHODS = ("equal weights", "MGDA", "DB-MTL")
 TINY = [
     "--steps", "100", "--seeds", "1", "--train-pairs", "1000", "--test-pairs", "300",
     "--warmup", "2", "--no-progress",
@@ -31,6 +32,10 @@ def test_multimnist_tiny_config_trains(tmp_path):
         assert np.mean(losses[-10:]) < np.mean(losses[:10]), method
         assert out["ms_step"][method] > 0
         assert method in out["table"]
+    weights = out["histories"]
+    assert np.allclose(weights["equal weights"][0]["w_left"], 0.5)  # mean weighting: 1/K
+    assert np.all(np.isfinite(weights["MGDA"][0]["w_right"]))
+    assert np.all(np.isnan(weights["DB-MTL"][0]["w_left"]))  # no task weights: NaN
 
 
 def test_speed_smoke_has_rows():

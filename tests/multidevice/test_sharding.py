@@ -1,18 +1,19 @@
 """Data-parallel, FSDP-style and shard_map training on 4 devices equal one device.
 
-Every tier runs a few SGD steps (SGD, not Adam, so a gradient off by a
-constant factor is caught) on the tiny shared-trunk model of ``tests/models.py``:
-tier 1 (``mean_weighting``) and tier 2 (``mgda``) through ``weighted_value_and_grad``,
-tier 3 through ``value_and_jacobian`` (strategies ``map`` and ``vmap``, and ``chunked``
-inside shard_map) and ``aggregate(mgda())``. The sharded runs are compared with the same
-steps on one device, to float32 reassociation tolerance (the reductions are split across
-devices).
+Every tier runs a few SGD steps (SGD, not Adam, so a gradient off by a constant factor is
+caught) on the tiny shared-trunk model of ``tests/models.py``: tier 1 (``mean_weighting``)
+and tier 2 (``mgda``) through ``split_value_and_grad`` with the heads given per task (a list)
+and stacked (``stacked_heads``, vmapped over the task axis of the head parameters), tier 3
+through ``value_and_jacobian`` (strategies ``map`` and ``vmap``, and ``chunked`` inside
+shard_map) and ``aggregate(mgda())``. The sharded runs are compared with the same steps on
+one device, to float32 reassociation tolerance (the reductions are split across devices).
 """
 
 import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -34,6 +35,25 @@ FSDP_SPECS = {
 }
 
 
+def head(task):
+    """Task ``task``'s loss from its column of the head parameters (the sequence form)."""
+
+    def loss(params, z, batch):
+        pred = z @ params["heads"]["w"][task] + params["heads"]["b"][task]
+        return jnp.mean((pred - batch[1][:, task]) ** 2)
+
+    return loss
+
+
+def stacked_head(head_params, z, batch, task):
+    """One head of the stacked form: ``head_params`` is task ``task``'s slice (w (d,), b ())."""
+    return jnp.mean((z @ head_params["w"] + head_params["b"] - batch[1][:, task]) ** 2)
+
+
+HEADS = [head(i) for i in range(K)]
+STACKED_HEADS = mtl.stacked_heads(stacked_head, head_params=lambda params: params["heads"])
+
+
 @pytest.fixture(scope="module")
 def mesh():
     return jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
@@ -46,7 +66,7 @@ def problem():
 
 
 def tier3(strategy):
-    opt = optax.chain(mtl.aggregate(mtl.mgda(), num_tasks=K, shared=models.SHARED), optax.sgd(0.1))
+    opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=K, shared=models.SHARED), optax.sgd(0.1))
 
     def step(params, opt_state, batch):
         losses, task_grads = mtl.value_and_jacobian(models.task_losses, strategy=strategy)(
@@ -58,18 +78,18 @@ def tier3(strategy):
     return opt.init, step
 
 
-def weighted(weighting):
+def weighted(weighting, heads=HEADS):
     opt = optax.sgd(0.1)
-    grad_fn = mtl.weighted_value_and_grad(models.encode, models.heads, weighting)
+    grad_fn = mtl.split_value_and_grad(models.encode, heads, weighting)
 
     def init(params):
-        return opt.init(params), weighting.init(K)
+        return opt.init(params), grad_fn.init(params)
 
     def step(params, state, batch):
         opt_state, weighting_state = state
-        out = grad_fn(params, batch, weighting_state)
-        updates, opt_state = opt.update(out.grads, opt_state, params)
-        return optax.apply_updates(params, updates), (opt_state, out.weighting_state), out.losses
+        losses, grads, weighting_state = grad_fn(params, batch, weighting_state)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), (opt_state, weighting_state), losses
 
     return init, step
 
@@ -77,6 +97,7 @@ def weighted(weighting):
 CASES = {
     "tier1-mean": lambda: weighted(mtl.mean_weighting()),
     "tier2-mgda": lambda: weighted(mtl.mgda()),
+    "tier2-mgda-stacked-heads": lambda: weighted(mtl.mgda(), STACKED_HEADS),
     "tier3-mgda-map": lambda: tier3("map"),
     "tier3-mgda-vmap": lambda: tier3("vmap"),
 }
@@ -161,10 +182,12 @@ def test_gram_is_a_reduction_over_sharded_parameters(mesh):
         lambda s: P(None, *s), FSDP_SPECS, is_leaf=lambda x: isinstance(x, P)
     )
     task_grads = jax.device_put(task_grads.tree, shardings(mesh, stacked_specs))
-    transform = mtl.aggregate(mtl.mgda(), num_tasks=K, shared=models.SHARED)
+    transform = mtl.aggregate(mtl.mgda(), tasks=K, shared=models.SHARED)
 
     def update(task_grads, state, params, losses):
-        updates, state = transform.update(task_grads, state, params, task_losses=losses)
+        updates, state = transform.update(
+            mtl.TaskGradients(task_grads), state, params, task_losses=losses
+        )
         return jax.lax.with_sharding_constraint(updates, param_shardings), state
 
     found = collectives(update, task_grads, transform.init(params), params, losses)
@@ -181,8 +204,9 @@ def global_task_losses(params, batch):
     return jax.lax.pmean(models.task_losses(params, batch), "data")
 
 
-def global_heads(params, z, batch):
-    return jax.lax.pmean(models.heads(params, z, batch), "data")
+def global_head(task):
+    """Inside shard_map: task ``task``'s loss on the whole batch (mean of device means)."""
+    return lambda params, z, batch: jax.lax.pmean(HEADS[task](params, z, batch), "data")
 
 
 @pytest.mark.parametrize("strategy", ["map", "vmap", "chunked"])
@@ -196,7 +220,7 @@ def test_shard_map_tier3_equals_one_device(mesh, strategy):
         return losses, task_grads.tree
 
     stacked = smap(mesh, local, (P(), P("data")), (P(), P()))
-    opt = optax.chain(mtl.aggregate(mtl.mgda(), num_tasks=K, shared=models.SHARED), optax.sgd(0.1))
+    opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=K, shared=models.SHARED), optax.sgd(0.1))
 
     def step(params, opt_state, batch):
         losses, task_grads = stacked(params, batch)
@@ -212,18 +236,19 @@ def test_shard_map_tier3_equals_one_device(mesh, strategy):
 
 
 def test_shard_map_tier1_equals_one_device(mesh):
-    weighting = mtl.mean_weighting()
-    grad_fn = mtl.weighted_value_and_grad(models.encode, global_heads, weighting)
+    grad_fn = mtl.split_value_and_grad(
+        models.encode, [global_head(i) for i in range(K)], mtl.mean_weighting()
+    )
 
     def local(params, batch, weighting_state):
-        out = grad_fn(params, batch, weighting_state)
-        return out.grads, out.losses
+        losses, grads, _ = grad_fn(params, batch, weighting_state)
+        return grads, losses
 
     grads_fn = smap(mesh, local, (P(), P("data"), P()), (P(), P()))
     opt = optax.sgd(0.1)
 
     def step(params, opt_state, batch):
-        grads, losses = grads_fn(params, batch, weighting.init(K))
+        grads, losses = grads_fn(params, batch, grad_fn.init(params))
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, losses
 
@@ -237,33 +262,36 @@ def test_shard_map_tier2_weights_each_device_on_its_own_batch(mesh, name):
     """Inside shard_map the tier-2 Gram is the Gram of the device's local feature gradients.
 
     With per-device losses, each device's weights equal one-device
-    ``weighted_value_and_grad`` on that device's quarter of the batch (MGDA-UB per device),
+    ``split_value_and_grad`` on that device's quarter of the batch (MGDA-UB per device),
     and the gradient of the replicated parameters comes back summed over the devices (the
-    transpose of shard_map's implicit broadcast is a ``psum``): the sum of the four
-    one-device gradients.
+    transpose of shard_map's implicit broadcast is a ``psum``): on every device, the sum of
+    the four one-device gradients. (The gradients are typed device-varying, since each
+    device poisons them with NaN when its own losses are not finite, so each device's copy
+    comes back on a leading axis.)
     """
-    weighting = getattr(mtl, name)()
-    grad_fn = mtl.weighted_value_and_grad(models.encode, models.heads, weighting)
+    grad_fn = mtl.split_value_and_grad(models.encode, HEADS, getattr(mtl, name)())
 
     def local(params, batch, weighting_state):
         out = grad_fn(params, batch, weighting_state)
-        return out.grads, out.weights
+        return jax.tree_util.tree_map(lambda g: g[None], out.grads), mtl.task_weights(out.state)
 
     params, batch = problem()
+    state = grad_fn.init(params)
     sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    grads, weights = smap(mesh, local, (P(), P("data"), P()), (P(), P("data")))(
-        params, sharded, weighting.init(K)
+    grads, weights = smap(mesh, local, (P(), P("data"), P()), (P("data"), P("data")))(
+        params, sharded, state
     )
     quarters = [tuple(x[4 * d : 4 * d + 4] for x in batch) for d in range(4)]
-    per_device = [jax.jit(grad_fn)(params, q, weighting.init(K)) for q in quarters]
+    per_device = [jax.jit(grad_fn)(params, q, state) for q in quarters]
     np.testing.assert_allclose(
         np.asarray(weights).reshape(4, K),
-        np.stack([o.weights for o in per_device]),
+        np.stack([mtl.task_weights(o) for o in per_device]),
         rtol=RTOL,
         atol=ATOL,
     )
     summed = jax.tree_util.tree_map(
-        lambda *g: np.sum(np.stack(g), 0), *[o.grads for o in per_device]
+        lambda *g: np.broadcast_to(np.sum(np.stack(g), 0), (4, *g[0].shape)),
+        *[o.grads for o in per_device],
     )
     assert_trees_close(grads, summed)
     assert not np.allclose(np.asarray(weights)[:K], np.asarray(weights)[K : 2 * K])
