@@ -53,7 +53,9 @@ def nash_mtl(*, max_norm: float = 1.0, max_iters: int = 100) -> Weighting:
     def update(gram, losses, state, **extra):
         del extra
         _, gram, _ = check_inputs(weighting, gram, losses)
-        frobenius = jnp.sqrt(jnp.sum(gram * gram))
+        peak = jnp.max(jnp.abs(gram))  # ‖G‖_F without overflowing G² (‖g‖ up to 1e19)
+        peak = jnp.where(peak > 0, peak, 1.0)
+        frobenius = peak * jnp.sqrt(jnp.sum(jnp.square(gram / peak)))
         normalized = gram / jnp.where(frobenius > 0, frobenius, 1.0)
         alpha = power_balance_weights(normalized, power=1.0, max_iters=max_iters)
         if max_norm > 0:
