@@ -14,7 +14,9 @@ Numerics. The unknown is rescaled as ``w = D β`` with ``D = diag(G)^{−1/2}`` 
 ``C + diag(p d² w^{−p−1})`` (``C = D G D``, unit diagonal) is well conditioned whatever the
 gradient norms (10³ apart is routine); for ``p = 1`` the rescaled problem is exactly
 ``Cβ = 1/β`` and the start ``β = 1`` is the solution for orthogonal gradients. Steps are
-damped by ``1/(1 + λ)`` (``λ`` the Newton decrement) while ``λ > 1/4``, then full, and
+damped by ``1/(1 + λ)`` (``λ`` the Newton decrement, measured relative to the start's energy
+``mean(β₀²)``: ``F`` at the rescaled solution scales as ``c^((p−1)/(p+1))`` when ``G → cG``, so
+the iterates do not depend on the Gram's scale) while ``λ > 1/4``, then full, and
 never leave ``w > 0`` (at most 99 % of the way to the boundary); the loop stops after a
 full step that changed no weight by more than ``tol`` relatively (default ``√eps`` of the
 working dtype: Newton converges quadratically, so the remaining error is ``≈ tol² = eps``)

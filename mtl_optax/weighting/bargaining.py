@@ -31,7 +31,8 @@ def nash_mtl(*, max_norm: float = 1.0, max_iters: int = 100) -> Weighting:
       max_norm: if ``‖u‖ = √(αᵀGα)`` exceeds it, ``α`` is rescaled so that ``‖u‖ = max_norm``
         (1.0, the default of the official code and torchjd). ``0`` disables the clipping;
         only then are the weights scale-free (``homogeneity = 0``; with clipping it is None,
-        an absolute threshold).
+        an absolute threshold, so the tiers hand it the true Gram: float32 holds it for
+        gradient norms between ~1e-19 and ~1e19).
       max_iters: Newton iteration cap (converges in ≈ 5–15).
 
     Differences from the sources: they warm-start a convex–concave procedure from the last
@@ -79,7 +80,9 @@ def fairgrad(*, alpha: float = 1.0, max_iters: int = 100) -> Weighting:
       max_iters: Newton iteration cap.
 
     The weights scale as ``c^{−α/(1+α)}`` when ``G → cG`` (``homogeneity = −α/(1+α)``); the
-    update then scales as ``c^{1/(2(1+α))}``, so it is not linear under gradient scaling.
+    update then scales as ``c^{1/(2(1+α))}``, so it is not linear under gradient scaling (and
+    for α > 1 weights ``∝ ‖g‖^{−2α/(1+α)}`` leave float32's range before the gradients do:
+    α = 2 at ‖g‖ ≈ 1e±28).
     torchjd solves the same equations with scipy's ``least_squares`` on the host.
 
     Checked in ``tests/test_bargaining.py``: ``Gw = w^{−1/α}`` to float32 precision for
