@@ -11,19 +11,25 @@ Families (seeded generators; float32 Jacobians of K = 2, 5, 10 tasks x 16 coordi
 Oracle: the same method in float64 on the float64 Gram of the same float32 Jacobian, through
 the tiers' rescaling (:func:`mtl_optax.gram.apply_weighting`). A case is **well-posed at
 float32 precision** when that float64 update moves by at most 1e-6 (1000x tighter than the
-1e-3 asked of float32) under the rounding a float32 Gram carries, ``G_ij ± 2⁻²⁴ √(G_ii G_jj)``
-(two random draws; for the rank family its factors are perturbed instead, which keeps the rank
-exact). Where well-posed, the float32 update ``u = Σ w_i g_i`` (the update, not the weights:
-those are not unique for rank-deficient Jacobians) agrees with float64 to ``1e-3 ‖u₆₄‖``.
+1e-3 asked of float32) under what a float32 Gram cannot tell apart: two random roundings
+``G_ij ± 2⁻²⁴ √(G_ii G_jj)`` (for the rank family its dyadic factors are perturbed instead,
+keeping the rank exact) and the Gram with its eigenvalues below float32's resolution removed
+(:func:`float32_resolution`). Where well-posed, the float32 update ``u = Σ w_i g_i`` (the
+update: weights are not unique for rank-deficient Jacobians) agrees with float64 to
+``1e-3 ‖u₆₄‖`` plus the rounding of forming ``u`` from float32 weights,
+``K ε Σ_j |w_j| ‖g_j‖``.
 
 Properties, in float32, as declared in ``tests/test_aggregator_properties.py``:
 
 * non-conflicting (every case unless excluded below): ``⟨g_i, u⟩ ≥ −‖g_i‖ (1e-4 ‖u‖ + K ε Σ_j
   |w_j| ‖g_j‖)``: 1e-4 relative (the audit's threshold, tighter than torchjd's 4e-4) plus the
   rounding of forming ``u`` from float32 weights, which no float32 update avoids;
-* linear under scaling and permutation equivariant: to 1e-4 (torchjd's tolerance) on the
-  well-posed cases (``u(cJ)`` with ``c = 3·10⁻⁶, 7·10⁴`` is a float32 rounding of ``cJ``);
-* finite everywhere.
+* linear under scaling and permutation equivariant: to 1e-4 (torchjd's tolerance, plus the same
+  rounding) on the well-posed cases (``u(cJ)`` with ``c = 3·10⁻⁶, 7·10⁴`` sees a float32
+  rounding of ``cJ``);
+* finite weights everywhere.
+
+The random weighting is compared on its properties only (its normal draws depend on the dtype).
 
 ``EXCLUDED`` lists the (method, family) pairs where a claim cannot hold from a float32 Gram,
 with the reason; each method's docstring says the same.
@@ -104,10 +110,17 @@ EXCLUDED = {
         "exactly dependent gradients (K = 2 gives u = 0)",
     ),
     ("config", "rank"): ({"conflict"}, "dependent unit gradients: pinv conflicts in float64 too"),
+    ("mgda_frank_wolfe", ""): (
+        {"agree"},
+        "Frank-Wolfe is approximate (stops at |Δα|₁ < 1e-6 or 250 iterations, sublinear on a "
+        "face): float32 and float64 stop at different iterates; mgda() is the exact solver",
+    ),
     # absolute thresholds (clipping at max_norm, a step size): the tiers hand over the true
     # Gram, homogeneity=None
     ("nash_mtl", "scale+30"): ({"agree", "finite", "conflict"}, OUT_OF_RANGE),
     ("nash_mtl", "scale-30"): ({"agree", "finite", "conflict"}, OUT_OF_RANGE),
+    ("gradnorm", "scale+30"): ({"agree", "finite"}, OUT_OF_RANGE),
+    ("gradnorm", "scale-30"): ({"agree", "finite"}, OUT_OF_RANGE),
     ("modo", "scale+30"): ({"agree", "finite"}, OUT_OF_RANGE),
     ("modo", "scale-30"): ({"agree", "finite"}, OUT_OF_RANGE),
     ("fairgrad_alpha2", "scale+30"): (
@@ -206,8 +219,10 @@ class Runner:
         self._f32 = jax.jit(jax.vmap(f32))
         self._f64 = jax.jit(jax.vmap(f64))
 
-    def weights32(self, jacs):
-        losses = np.broadcast_to(_losses(self.k), (len(jacs), self.k))
+    def weights32(self, jacs, perm=None):
+        """Float32 weights through the tiers (losses permuted with the tasks by ``perm``)."""
+        losses = _losses(self.k) if perm is None else _losses(self.k)[perm]
+        losses = np.broadcast_to(losses, (len(jacs), self.k))
         out = self._f32(jnp.asarray(jacs, jnp.float32), jnp.asarray(losses, jnp.float32))
         return np.asarray(out, np.float64)
 
@@ -265,7 +280,7 @@ def conflicts(jacs, u, weights):
 def test_float32_matches_float64_and_keeps_its_properties(name):
     claims = PROPERTIES[name]
     rng = np.random.default_rng(0)
-    for k in KS:
+    for k in KS if name != "krum" else KS[1:]:  # krum needs K >= n_byzantine + 3
         runner = Runner(name, k)
         names, jacs, factors = family_cases(k)
         j64 = jacs.astype(np.float64)
@@ -295,7 +310,7 @@ def test_float32_matches_float64_and_keeps_its_properties(name):
                 assert not bad.any(), f"K={k}, c={c}: {dict(zip(names[bad], err[bad]))}"
         if claims[EQUIVARIANT]:
             perm = np.roll(np.arange(k), 1)
-            w_perm = runner.weights32(jacs[:, perm])
+            w_perm = runner.weights32(jacs[:, perm], perm)
             err = error(update32(w_perm, jacs[:, perm]), u32, w32, jacs)
             bad = well_posed & ~(err <= 1e-4)
             assert not bad.any(), f"K={k}, permuted: {dict(zip(names[bad], err[bad]))}"
@@ -307,7 +322,7 @@ def test_gram_eigh_resolves_every_eigenvalue_its_gram_carries(k):
 
     Graded (norms 1e2 … 1e8 apart) and scaled Grams: every eigenvalue to 1e-5 relative, where
     ``jnp.linalg.eigh`` keeps only ``eps λ_max``; exactly rank-deficient Grams: the rank.
-    Eigenvectors orthonormal, ``V diag(λ) Vᵀ = G`` to rounding.
+    Eigenvectors orthonormal, ``V diag(λ) Vᵀ = G`` to ``16 K ε √(G_ii G_jj)`` (the rank tolerance).
     """
     names, jacs, _ = family_cases(k)
     keep = np.array([n.startswith(("spread", "rank", "scale+15")) for n in names])
@@ -326,7 +341,8 @@ def test_gram_eigh_resolves_every_eigenvalue_its_gram_carries(k):
         np.testing.assert_allclose(np.sort(lam_i[mask]), exact[-mask.sum() :], rtol=1e-5)
         np.testing.assert_allclose(v.T @ v, eye, atol=1e-6)
         scale = np.sqrt(np.outer(np.diag(g), np.diag(g)))
-        assert np.all(np.abs(v @ np.diag(lam_i) @ v.T - g) <= 1e-6 * scale + 1e-30)
+        rounding = default_rank_rtol(k, jnp.float32)  # 16 K eps, the rank tolerance
+        assert np.all(np.abs(v @ np.diag(lam_i) @ v.T - g) <= rounding * scale + 1e-30)
 
 
 def test_mgda_loss_plus_is_not_scale_invariant():
