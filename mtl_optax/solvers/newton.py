@@ -14,7 +14,9 @@ Numerics. The unknown is rescaled as ``w = D β`` with ``D = diag(G)^{−1/2}`` 
 ``C + diag(p d² w^{−p−1})`` (``C = D G D``, unit diagonal) is well conditioned whatever the
 gradient norms (10³ apart is routine); for ``p = 1`` the rescaled problem is exactly
 ``Cβ = 1/β`` and the start ``β = 1`` is the solution for orthogonal gradients. Steps are
-damped by ``1/(1 + λ)`` (``λ`` the Newton decrement) while ``λ > 1/4``, then full, and
+damped by ``1/(1 + λ)`` (``λ`` the Newton decrement, measured relative to the start's energy
+``mean(β₀²)``: ``F`` at the rescaled solution scales as ``c^((p−1)/(p+1))`` when ``G → cG``, so
+the iterates do not depend on the Gram's scale) while ``λ > 1/4``, then full, and
 never leave ``w > 0`` (at most 99 % of the way to the boundary); the loop stops after a
 full step that changed no weight by more than ``tol`` relatively (default ``√eps`` of the
 working dtype: Newton converges quadratically, so the remaining error is ``≈ tol² = eps``)
@@ -101,7 +103,7 @@ def power_balance_weights(
         # Jacobi-scale the Newton system (its diagonal is ≥ 1, dominated by the barrier)
         s = jax.lax.rsqrt(jnp.diagonal(hess))
         step = -s * jnp.linalg.solve(hess * s[:, None] * s[None, :], s * grad)
-        decrement2 = jnp.maximum(-(grad @ step), 0.0)
+        decrement2 = jnp.maximum(-(grad @ step), 0.0) / energy
         damping = jnp.where(decrement2 > _DAMPED_UNTIL**2, 1.0 / (1.0 + jnp.sqrt(decrement2)), 1.0)
         to_boundary = jnp.min(jnp.where(step < 0, -beta / jnp.where(step < 0, step, -1.0), jnp.inf))
         t = jnp.minimum(damping, _TO_BOUNDARY * to_boundary)
@@ -111,6 +113,11 @@ def power_balance_weights(
     # β = 1 (w_i = G_ii^{-1/2}) solves the Nash problem for orthogonal gradients; for other
     # powers the orthogonal solution is w_i = G_ii^{-1/(1+p)}, i.e. β_i = d_i^{(1-p)/(1+p)}.
     beta0 = d_eff ** ((1.0 - power) / (1.0 + power))
+    # F(c·G) at the rescaled point is F(G) times c^((p−1)/(p+1)) (1 for Nash, p = 1): measure
+    # the Newton decrement relative to the start's quadratic energy mean(β0²), which scales
+    # the same way, so the damping (hence the iterates) do not depend on the Gram's scale.
+    energy = jnp.sum(jnp.where(active, beta0 * beta0, 0.0)) / jnp.maximum(jnp.sum(active), 1)
+    energy = jnp.where(energy > 0, energy, 1.0)
     carry = (beta0, jnp.array(False), jnp.array(0))
     beta, *_ = while_loop_like(cond, body, carry, beta0)
     weights = jnp.where(active, d_eff * beta, 0.0)

@@ -2,8 +2,21 @@
 
 All three ask for an update with prescribed inner products with the (unit) task gradients
 and obtain it from a pseudo-inverse of the Gram matrix, computed by one symmetric
-eigendecomposition on the device (eigenvalues below ``rtol · λ_max`` count as zero, with
-``rtol = K · eps`` of the working dtype, the convention of ``numpy``/``torch`` ``pinv``):
+eigendecomposition on the device (:func:`mtl_optax.solvers.spectral.gram_eigh`, cyclic
+Jacobi: every eigenvalue to the accuracy the Gram carries, also for gradient norms 10⁸
+apart). An eigenvalue counts as zero when it is below the Gram's rounding along its
+eigenvector, ``λ ≤ 16 K eps (Σ_j |v_j| ‖g_j‖)²``: the float counterpart of ``pinv``'s cut-off,
+relative to the tasks each direction involves rather than to ``λ_max``.
+
+Resolution. A float32 Gram carries each cosine to about ``eps``, so unit gradients that are
+linearly dependent to within that (nearly parallel or opposite directions, angles below
+≈ ``4√(K eps)``, ≈ 3·10⁻³ for K = 2 in float32) are indistinguishable from exactly dependent
+ones and are treated as such, as ``pinv`` treats exact dependence. Where the definitions are
+discontinuous at dependence (IMTL-G and Aligned-MTL between nearly and exactly parallel
+tasks, ConFIG with nearly opposite ones) the float32 result is the dependent one; float64
+resolves angles down to ≈ 10⁻⁷. ``tests/test_float32_hard.py`` checks float32 against
+float64 wherever the float64 answer is stable under the float32 Gram's rounding (1e-3
+agreement), including norm spreads up to 10⁸ and exactly rank-deficient Jacobians.
 
 * **IMTL-G** (Liu et al., 2021, "Towards Impartial Multi-task Learning"; the
   pseudo-inverse generalisation of torchjd): ``w ∝ G⁺ √diag(G)``, normalised to sum 1, so
@@ -18,44 +31,59 @@ eigendecomposition on the device (eigenvalues below ``rtol · λ_max`` count as 
   (``p = 1``: ``v = Uᵀ(UUᵀ)⁺p`` with ``UUᵀ = DGD``, ``D = diag(G)^{−1/2}``), then
   ``u = (Σ_i ⟨g_i, v̂⟩) v̂`` with ``v̂ = v/‖v‖``. In weights: ``a = D (DGD)⁺ p``,
   ``w = (1ᵀGa / aᵀGa) a``. Non-conflicting when the unit gradients are linearly
-  independent (every ``⟨ĝ_i, u⟩`` is then a positive multiple of ``p_i``).
+  independent to within the Gram's resolution (every ``⟨ĝ_i, u⟩`` is then a positive
+  multiple of ``p_i``); for dependent ones ``v`` is the least-squares solution, which can
+  conflict (as in exact arithmetic). When the preference has no component the Gram resolves
+  (two nearly opposite tasks in float32) the weights are 0.
 
 All three are scale-free (``homogeneity = 0``): linear under gradient scaling.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
+from mtl_optax.solvers.spectral import default_rank_rtol, gram_eigh, numerically_positive
 from mtl_optax.weighting.base import Weighting, check_inputs, empty_init, finish
 from mtl_optax.weighting.hyper import check_preference
 
 _SCALE_MODES = ("min", "median", "rmse")
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def spectrum(gram):
-    """``(λ, V, kept)``: eigen-decomposition of ``G`` and the mask of numerically non-zero
-    eigenvalues (``λ > K · eps · λ_max``)."""
-    k = gram.shape[0]
-    eigenvalues, vectors = jnp.linalg.eigh(gram)
-    cutoff = jnp.max(eigenvalues) * k * jnp.finfo(gram.dtype).eps
-    return eigenvalues, vectors, eigenvalues > cutoff
+    """``(λ, V, kept)``: eigen-decomposition of ``G`` and the mask of its numerically non-zero
+    eigenvalues, each resolved relative to the gradients its eigenvector combines (see
+    :mod:`mtl_optax.solvers.spectral`)."""
+    eigenvalues, vectors = gram_eigh(gram)
+    return eigenvalues, vectors, numerically_positive(gram, eigenvalues, vectors)
 
 
 def pinv_apply(gram, rhs):
     """``G⁺ rhs`` for a symmetric positive semi-definite ``G`` (see :func:`spectrum`).
 
-    One step of iterative refinement (``x += G⁺(rhs − Gx)``) recovers the digits float32
-    loses on Grams of gradients whose norms differ by orders of magnitude.
+    Returns ``(x, resolved)``: ``resolved`` is False when the part of ``rhs`` in the kept
+    eigenspace is at the rounding level of the eigenvectors (``≤ 16 K eps ‖rhs‖``), i.e.
+    ``x`` is only rounding noise. One step of iterative refinement on the kept eigenspace
+    (``x += G⁺(P rhs − G x)``) recovers the digits lost in the first solve.
     """
+    k = gram.shape[0]
     eigenvalues, vectors, kept = spectrum(gram)
     inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
+    coefficients = jnp.matmul(vectors.T, rhs, precision=_HIGHEST)
+    projected = jnp.where(kept, coefficients, 0.0)
 
     def apply(v):
-        return vectors @ (inverse * (vectors.T @ v))
+        return jnp.matmul(
+            vectors, inverse * jnp.matmul(vectors.T, v, precision=_HIGHEST), precision=_HIGHEST
+        )
 
-    x = apply(rhs)
-    return x + apply(rhs - gram @ x)
+    target = jnp.matmul(vectors, projected, precision=_HIGHEST)
+    x = apply(target)
+    x = x + apply(target - jnp.matmul(gram, x, precision=_HIGHEST))
+    noise = default_rank_rtol(k, gram.dtype) * jnp.linalg.norm(rhs)
+    return x, jnp.linalg.norm(projected) > noise
 
 
 def _unit_scaling(gram):
@@ -83,9 +111,9 @@ def imtl_g() -> Weighting:
     def update(gram, losses, state, **extra):
         del extra
         _, gram, _ = check_inputs(weighting, gram, losses)
-        v = pinv_apply(gram, jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)))
+        v, resolved = pinv_apply(gram, jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)))
         total = jnp.sum(v)
-        degenerate = jnp.abs(total) <= jnp.finfo(gram.dtype).eps * jnp.sum(jnp.abs(v))
+        degenerate = ~resolved | (jnp.abs(total) <= jnp.finfo(gram.dtype).eps * jnp.sum(jnp.abs(v)))
         weights = jnp.where(degenerate, 0.0, v / jnp.where(degenerate, 1.0, total))
         return finish(jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)), state
 
@@ -175,10 +203,11 @@ def config(*, pref_vector=None) -> Weighting:
         pref = check_preference(pref_vector, k)
         pref = jnp.ones(k, gram.dtype) if pref is None else jnp.asarray(pref, gram.dtype)
         d = _unit_scaling(gram)
-        a = d * pinv_apply(gram * d[:, None] * d[None, :], pref)
-        g_a = gram @ a
+        x, resolved = pinv_apply(gram * d[:, None] * d[None, :], pref)
+        a = d * x
+        g_a = jnp.matmul(gram, a, precision=_HIGHEST)
         norm2 = a @ g_a
-        valid = norm2 > 0
+        valid = resolved & (norm2 > 0)
         weights = jnp.where(valid, jnp.sum(g_a) / jnp.where(valid, norm2, 1.0), 0.0) * a
         return finish(jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)), state
 

@@ -77,7 +77,9 @@ def nash_mtl(
         del extra
         _, gram, _ = check_inputs(weighting, gram, losses)
         if normalize_gram:
-            frobenius = jnp.sqrt(jnp.sum(gram * gram))
+            peak = jnp.max(jnp.abs(gram))  # ‖G‖_F without overflowing G² (‖g‖ up to 1e19)
+            peak = jnp.where(peak > 0, peak, 1.0)
+            frobenius = peak * jnp.sqrt(jnp.sum(jnp.square(gram / peak)))
             gram_solved = gram / jnp.where(frobenius > 0, frobenius, 1.0)
         else:
             gram_solved = gram
@@ -105,7 +107,9 @@ def fairgrad(*, alpha: float = 1.0, max_iters: int = 100) -> Weighting:
       max_iters: Newton iteration cap.
 
     The weights scale as ``c^{−α/(1+α)}`` when ``G → cG`` (``homogeneity = −α/(1+α)``); the
-    update then scales as ``c^{1/(2(1+α))}``, so it is not linear under gradient scaling.
+    update then scales as ``c^{1/(2(1+α))}``, so it is not linear under gradient scaling (and
+    for α > 1 weights ``∝ ‖g‖^{−2α/(1+α)}`` leave float32's range before the gradients do:
+    α = 2 at ‖g‖ ≈ 1e±28).
     torchjd solves the same equations with scipy's ``least_squares`` on the host.
 
     Checked in ``tests/test_bargaining.py``: ``Gw = w^{−1/α}`` to float32 precision for

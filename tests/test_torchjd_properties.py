@@ -1,0 +1,350 @@
+"""torchjd's per-aggregator property tests, re-expressed on our methods, in float32.
+
+What is transcribed from torchjd's test suite (``tests/unit/aggregation/`` of TorchJD/torchjd at
+commit 46962c2, the newest published; the 0.18 sdist ships no tests) is the facts: which
+property each aggregator is tested for, on which inputs, at which tolerance. The code is ours.
+
+Inputs (``_inputs.py``), drawn here from NumPy generators with torchjd's constructions:
+
+* *normal* ``(m, n, r)`` ∈ (1,1,1), (4,3,1), (4,3,2), (4,3,3), (9,11,5), (9,11,9):
+  ``U[:, :r] diag(|N(0,1)|) Vᵀ[:r]`` with Haar-random orthonormal ``U``, ``V`` (rank r);
+* *zero*: zeros of shape (1,1), (4,3), (9,11);
+* *stationarity* dims (20,10,10), (20,10,5), (20,10,1), (20,100,1), (20,100,19):
+  **strong** (a left null vector ``v > 0``), **strictly weak** (a non-negative null vector
+  but no positive one) and **non-weak** (a positive left singular vector);
+* *scaled*: the normal matrices times 0, 1e-10, 1e3, 1e5, 1e10, 1e15;
+* *typical* = zero + normal + strong + strictly weak + non-weak; *non-strong* = strictly
+  weak + non-weak.
+
+Asserts (``_asserts.py``), ``close(a, b, atol, rtol)`` meaning ``|a − b| ≤ atol + rtol |b|``:
+
+* structure: the output has shape (n,) and is finite;
+* non-conflicting: ``close(‖(Ju)₊‖, ‖Ju‖)`` (default atol = rtol = 4e-4);
+* permutation invariant: ``close(A(J), A(PJ))`` for 5 random row permutations (1e-4);
+* linear under scaling: ``close(A(diag(αc₁ + βc₂)J), α A(diag(c₁)J) + β A(diag(c₂)J))``,
+  ``c₁, c₂ ~ U(0,1)^m``, ``α, β ~ U(0,1)``, 5 draws (1e-4);
+* strongly stationary: ``‖A(J)‖ > 5e-3`` on non-strong matrices.
+
+Per-aggregator overrides are in ``CHECKS``; the worked values of ``test_values.py``
+(``atol = 1e-4``) close the file. Our aggregates are computed as the tiers do: the weights
+from the Gram of the float32 Jacobian (power-of-two rescaled), ``u = Σ w_i g_i`` in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtl_optax as mtl
+from mtl_optax.gram import weights_from_gradients
+
+SCALES = (0.0, 1e-10, 1e3, 1e5, 1e10, 1e15)
+NORMAL_DIMS = ((1, 1, 1), (4, 3, 1), (4, 3, 2), (4, 3, 3), (9, 11, 5), (9, 11, 9))
+ZERO_DIMS = ((1, 1), (4, 3), (9, 11))
+STATIONARITY_DIMS = ((20, 10, 10), (20, 10, 5), (20, 10, 1), (20, 100, 1), (20, 100, 19))
+NASH_DIMS = ((3, 1, 1), (4, 3, 1), (4, 3, 2), (4, 3, 3), (9, 11, 5), (9, 11, 9))
+
+
+def _orthonormal_complement(q, rng):
+    """Haar-random orthonormal columns completing the orthonormal columns of ``q``."""
+    m, k = q.shape
+    a = rng.normal(size=(m, m - k))
+    a = a - q @ (q.T @ a)
+    return np.linalg.qr(a)[0]
+
+
+def _orthonormal(dim, rng):
+    return _orthonormal_complement(np.zeros((dim, 0)), rng)
+
+
+def _with_left(u, n, rank, rng, first=0):
+    """``U[:, first:first+rank] diag(|N(0,1)|) Vᵀ[:rank]`` for the orthonormal columns ``u``."""
+    vt = _orthonormal(n, rng).T
+    s = np.abs(rng.normal(size=rank))
+    return u[:, first : first + rank] @ np.diag(s) @ vt[:rank]
+
+
+def normal(m, n, r, rng):
+    return _with_left(_orthonormal(m, rng), n, r, rng)
+
+
+def strong(m, n, r, rng):
+    v = np.abs(rng.normal(size=m))
+    u = _orthonormal_complement((v / np.linalg.norm(v))[:, None], rng)
+    return _with_left(u, n, r, rng)
+
+
+def strictly_weak(m, n, r, rng):
+    u = np.abs(rng.normal(size=m))
+    split = rng.integers(1, m)
+    order = rng.permutation(m)
+    v, v_prime = np.zeros(m), np.zeros(m)
+    v[order[:split]] = u[order[:split]] / np.linalg.norm(u[order[:split]])
+    v_prime[order[split:]] = u[order[split:]] / np.linalg.norm(u[order[split:]])
+    pair = np.stack([v, v_prime], axis=1)
+    basis = np.hstack([pair, _orthonormal_complement(pair, rng)])
+    return _with_left(basis, n, r, rng, first=1)
+
+
+def non_weak(m, n, r, rng):
+    u = np.abs(rng.normal(size=m))
+    u1 = (u / np.linalg.norm(u))[:, None]
+    basis = np.hstack([u1, _orthonormal_complement(u1, rng)])
+    return _with_left(basis, n, r, rng)
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    out = {"normal": [normal(m, n, r, rng) for m, n, r in NORMAL_DIMS]}
+    out["zero"] = [np.zeros(shape) for shape in ZERO_DIMS]
+    for kind, make in (("strong", strong), ("weak", strictly_weak), ("non_weak", non_weak)):
+        out[kind] = [make(m, n, r, rng) for m, n, r in STATIONARITY_DIMS]
+    out["scaled"] = [c * j for c in SCALES for j in out["normal"]]
+    out["non_strong"] = out["weak"] + out["non_weak"]
+    out["typical"] = out["zero"] + out["normal"] + out["strong"] + out["non_strong"]
+    out["nash"] = [normal(m, n, r, rng) for m, n, r in NASH_DIMS]
+    return {key: [j.astype(np.float32) for j in value] for key, value in out.items()}
+
+
+INPUTS = _inputs()
+
+
+KEY = jax.random.PRNGKey(0)
+# torchjd aggregator -> (our method for K tasks, checks)
+# checks: structure (input set), non_conflicting/permutation/linear (input set, atol, rtol),
+# stationary (input set, threshold); "two_rows" restricts to matrices with >= 2 rows.
+AGGREGATORS = {
+    "AlignedMTL": (lambda k: mtl.aligned_mtl(), {"permutation": ("typical", 1e-4, 1e-4)}),
+    "AlignedMTL_median": (lambda k: mtl.aligned_mtl(scale_mode="median"), {}),
+    "AlignedMTL_rmse": (lambda k: mtl.aligned_mtl(scale_mode="rmse"), {}),
+    "CAGrad": (lambda k: mtl.cagrad(c=0.5, rescale=0), {}),
+    "CAGrad_c1": (
+        lambda k: mtl.cagrad(c=1.0, rescale=0),
+        {"structure": None, "non_conflicting": ("typical", 4e-4, 4e-4)},
+    ),
+    "CAGrad_c2": (
+        lambda k: mtl.cagrad(c=2.0, rescale=0),
+        {"structure": None, "non_conflicting": ("typical", 4e-4, 4e-4)},
+    ),
+    "ConFIG": (
+        lambda k: mtl.config(),
+        {"permutation": ("typical", 1e-4, 1e-4), "linear": ("typical", 1e-4, 1e-4)},
+    ),
+    "Constant": (
+        lambda k: mtl.constant_weighting(np.full(k, 1.0 / k)),
+        {"linear": ("typical", 1e-4, 1e-4), "stationary": ("non_strong", 5e-3)},
+    ),
+    "DualProj": (
+        lambda k: mtl.dualproj(),
+        {
+            "non_conflicting": ("typical", 1e-4, 1e-4),
+            "permutation": ("typical", 2e-7, 2e-7),
+            "stationary": ("non_strong", 3e-3),
+        },
+    ),
+    "GradDrop": (lambda k: mtl.graddrop(num_tasks=k, key=KEY, shared=True), {}),
+    "IMTLG": (lambda k: mtl.imtl_g(), {"permutation": ("typical", 1e-4, 1e-4)}),
+    "Krum": (lambda k: mtl.krum(n_byzantine=1), {"two_rows": True}),
+    "Mean": (
+        lambda k: mtl.mean_weighting(),
+        {
+            "permutation": ("typical", 1e-4, 1e-4),
+            "linear": ("typical", 1e-4, 1e-4),
+            "stationary": ("non_strong", 5e-3),
+        },
+    ),
+    "MGDA": (
+        lambda k: mtl.mgda(),
+        {"non_conflicting": ("typical", 4e-4, 4e-4), "permutation": ("typical", 1e-4, 1e-4)},
+    ),
+    "NashMTL": (lambda k: mtl.nash_mtl(), {"structure": "nash"}),
+    "PCGrad": (lambda k: mtl.pcgrad(key=KEY), {}),
+    "Random": (lambda k: mtl.random_weighting(key=KEY), {"stationary": ("non_strong", 5e-3)}),
+    "Sum": (
+        lambda k: mtl.sum_weighting(),
+        {
+            "permutation": ("typical", 1e-4, 1e-4),
+            "linear": ("typical", 1e-4, 1e-4),
+            "stationary": ("non_strong", 5e-3),
+        },
+    ),
+    "TrimmedMean": (
+        lambda k: mtl.trimmed_mean(num_tasks=k, trim=1, shared=True),
+        {"two_rows": True, "permutation": ("typical", 1e-4, 1e-4)},
+    ),
+    "UPGrad": (
+        lambda k: mtl.upgrad(),
+        {
+            "non_conflicting": ("typical", 4e-4, 4e-4),
+            "permutation": ("typical", 5e-7, 5e-7),
+            "linear": ("typical", 6e-2, 6e-2),
+            "stationary": ("non_strong", 5e-3),
+        },
+    ),
+}
+
+
+class Aggregate:
+    """Our method as torchjd's ``A(J)``: one compiled ``vmap`` per number of rows K."""
+
+    def __init__(self, make):
+        self.make = make
+        self.compiled = {}
+
+    def _run(self, k):
+        if k not in self.compiled:
+            method = self.make(k)
+            if isinstance(method, mtl.Weighting):
+
+                def one(jac):
+                    weights, _ = weights_from_gradients(method, [jac], None, method.init(k))
+                    return jnp.matmul(weights, jac, precision=jax.lax.Precision.HIGHEST)
+
+            else:  # a stacked aggregator (optax transform)
+
+                def one(jac):
+                    params = jnp.zeros(jac.shape[1:], jac.dtype)
+                    return method.update(jac, method.init(params), params)[0]
+
+            self.compiled[k] = jax.jit(jax.vmap(one))
+        return self.compiled[k]
+
+    def __call__(self, matrices):
+        """``A(J)`` for every matrix (float32), grouped by rows, columns zero-padded."""
+        out = [None] * len(matrices)
+        for k in sorted({j.shape[0] for j in matrices}):
+            idx = [i for i, j in enumerate(matrices) if j.shape[0] == k]
+            n = max(matrices[i].shape[1] for i in idx)
+            batch = np.stack(
+                [np.pad(matrices[i], ((0, 0), (0, n - matrices[i].shape[1]))) for i in idx]
+            )
+            result = np.asarray(self._run(k)(jnp.asarray(batch, jnp.float32)), np.float64)
+            for i, row in zip(idx, result):
+                out[i] = row[: matrices[i].shape[1]]
+        return out
+
+
+def close(actual, expected, atol, rtol):
+    return np.all(np.abs(actual - expected) <= atol + rtol * np.abs(expected))
+
+
+@pytest.mark.parametrize("name", list(AGGREGATORS))
+def test_torchjd_property_suite(name):
+    """Every torchjd assert for this aggregator, on torchjd's inputs and tolerances."""
+    make, checks = AGGREGATORS[name]
+    aggregate = Aggregate(make)
+    rng = np.random.default_rng(1)
+
+    def usable(kind):
+        mats = INPUTS[kind]
+        return [j for j in mats if j.shape[0] >= 2] if checks.get("two_rows") else mats
+
+    structure = checks.get("structure", "default")
+    if structure is not None:
+        mats = usable("nash") if structure == "nash" else usable("scaled") + usable("typical")
+        for j, u in zip(mats, aggregate(mats)):
+            assert u.shape == (j.shape[1],) and np.all(np.isfinite(u)), (name, j.shape)
+
+    if "non_conflicting" in checks:
+        kind, atol, rtol = checks["non_conflicting"]
+        mats = usable(kind)
+        for j, u in zip(mats, aggregate(mats)):
+            inner = j.astype(np.float64) @ u
+            full, positive = np.linalg.norm(inner), np.linalg.norm(inner[inner >= 0])
+            assert close(positive, full, atol, rtol), (name, j.shape, full - positive)
+
+    if "permutation" in checks:
+        kind, atol, rtol = checks["permutation"]
+        mats = usable(kind)
+        perms = [[rng.permutation(j.shape[0]) for _ in range(5)] for j in mats]
+        permuted = [j[p] for j, ps in zip(mats, perms) for p in ps]
+        base, moved = aggregate(mats), aggregate(permuted)
+        for i, j in enumerate(mats):
+            for u in moved[5 * i : 5 * i + 5]:
+                assert close(base[i], u, atol, rtol), (name, j.shape, np.abs(base[i] - u).max())
+
+    if "linear" in checks:
+        kind, atol, rtol = checks["linear"]
+        mats = usable(kind)
+        draws, batch = [], []
+        for j in mats:
+            for _ in range(5):
+                c1, c2 = rng.uniform(size=j.shape[0]), rng.uniform(size=j.shape[0])
+                alpha, beta = rng.uniform(), rng.uniform()
+                draws.append((alpha, beta))
+                for c in (c1, c2, alpha * c1 + beta * c2):
+                    batch.append((c[:, None] * j).astype(np.float32))
+        out = aggregate(batch)
+        for t, (alpha, beta) in enumerate(draws):
+            x1, x2, x = out[3 * t : 3 * t + 3]
+            assert close(x, alpha * x1 + beta * x2, atol, rtol), (name, t)
+
+    if "stationary" in checks:
+        kind, threshold = checks["stationary"]
+        mats = usable(kind)
+        for j, u in zip(mats, aggregate(mats)):
+            assert np.linalg.norm(u) > threshold, (name, j.shape)
+
+
+def test_imtl_g_of_zeros_is_zero():
+    u = Aggregate(lambda k: mtl.imtl_g())([np.zeros((2, 3), np.float32)])[0]
+    np.testing.assert_array_equal(u, np.zeros(3))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (9, 37), (2, 14), (32, 114), (50, 100)])
+def test_mgda_satisfies_kkt_conditions(shape):
+    """torchjd's MGDA KKT test on a random Gram (its tolerances: float32 defaults of
+    ``assert_close`` for feasibility, ``atol = 1e-2`` for dual feasibility)."""
+    jac = np.random.default_rng(shape).normal(size=shape).astype(np.float32)
+    gram = jnp.asarray(jac) @ jnp.asarray(jac).T
+    w = mtl.mgda()
+    weights = np.asarray(jax.jit(lambda g: w.update(g, None, w.init(shape[0]))[0])(gram))
+    gram = np.asarray(gram, np.float64)
+    direction = gram @ weights
+    lam = -weights @ direction
+    mu = direction + lam
+    assert close(np.linalg.norm(weights[weights >= 0]), np.linalg.norm(weights), 1e-5, 1.3e-6)
+    assert close(weights.sum(), 1.0, 1e-5, 1.3e-6)
+    assert close(np.linalg.norm(mu[mu >= 0]), np.linalg.norm(mu), 1e-2, 0.0)
+
+
+@pytest.mark.parametrize("n", [5, 7, 9, 15, 27, 68, 102, 57, 1200, 11100])
+def test_pcgrad_equals_upgrad_of_the_sum_for_two_rows(n):
+    """Two tasks: PCGrad's weights equal UPGrad's with preference (1, 1), no normalisation or
+    ridge (torchjd's ``atol = 4e-4``, ``rtol = 0``)."""
+    jac = np.random.default_rng(n).normal(size=(2, n)).astype(np.float32)
+    gram = jnp.asarray(jac) @ jnp.asarray(jac).T
+    pc = mtl.pcgrad(key=KEY)
+    up = mtl.upgrad(pref_vector=[1.0, 1.0], norm_eps=0.0, reg_eps=0.0)
+    result = pc.update(gram, None, pc.init(2))[0]
+    expected = up.update(gram, None, up.init(2))[0]
+    assert close(np.asarray(result), np.asarray(expected), 4e-4, 0.0)
+
+
+J_BASE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], np.float32)
+J_KRUM = np.array([[1, 1, 1], [1, 0, 1], [75, -666, 23], [1, 2, 3], [2, 0, 1]], np.float32)
+J_TRIMMED = np.array([[1e11, 3.0], [1.0, -1e11], [-1e10, 1e10], [2.0, 2.0]], np.float32)
+VALUES = [
+    (lambda k: mtl.aligned_mtl(), J_BASE, [0.2133, 0.9673, 0.9673]),
+    (lambda k: mtl.config(), J_BASE, [0.1588, 2.0706, 2.0706]),
+    (lambda k: mtl.constant_weighting([1.0, 2.0]), J_BASE, [8.0, 3.0, 3.0]),
+    (lambda k: mtl.dualproj(), J_BASE, [0.5563, 1.1109, 1.1109]),
+    (lambda k: mtl.imtl_g(), J_BASE, [0.0767, 1.0, 1.0]),
+    (lambda k: mtl.krum(n_byzantine=1, n_selected=4), J_KRUM, [1.25, 0.75, 1.5]),
+    (lambda k: mtl.mean_weighting(), J_BASE, [1.0, 1.0, 1.0]),
+    (lambda k: mtl.mgda(), J_BASE, [0.0, 1.0, 1.0]),
+    (lambda k: mtl.pcgrad(key=KEY), J_BASE, [0.5848, 3.8012, 3.8012]),
+    (lambda k: mtl.sum_weighting(), J_BASE, [2.0, 2.0, 2.0]),
+    (lambda k: mtl.trimmed_mean(num_tasks=k, trim=1, shared=True), J_TRIMMED, [1.5, 2.5]),
+    (lambda k: mtl.upgrad(), J_BASE, [0.2929, 1.9004, 1.9004]),
+    (lambda k: mtl.cagrad(c=0.5, rescale=0), J_BASE, [0.1835, 1.2041, 1.2041]),
+    (lambda k: mtl.nash_mtl(), J_BASE, [0.0542, 0.7061, 0.7061]),
+]
+
+
+@pytest.mark.parametrize("index", range(len(VALUES)))
+def test_worked_values(index):
+    """torchjd's ``test_values.py`` (deterministic aggregators, ``atol = 1e-4``)."""
+    make, jac, expected = VALUES[index]
+    u = Aggregate(make)([jac])[0]
+    assert close(u, np.asarray(expected), 1e-4, 0.0), u
