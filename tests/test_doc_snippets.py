@@ -63,6 +63,11 @@ def code_blocks(path: Path, root: Path = ROOT) -> tuple[list[tuple[int, str]], l
             continue  # a MyST directive (toctree, eval-rst, note, math, ...)
         if language in EXECUTED:
             executed.append((line, code))
+        elif language == "console" and not code.lstrip().startswith("$ "):
+            problems.append(
+                f"{path.relative_to(root)}:{line}: a `console` block starts with its command "
+                f"after a `$ ` prompt"
+            )
         elif language not in SHOWN:
             problems.append(
                 f"{path.relative_to(root)}:{line}: a code block tagged {info!r}: tag Python "
@@ -120,9 +125,11 @@ def test_block_parser():
 
 def test_untagged_and_unknown_blocks_fail(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("```\nls\n```\n\n```bash\nls\n```\n\n```console\n$ ls\n```\n")
+    page.write_text(
+        "```\nls\n```\n\n```bash\nls\n```\n\n```console\n$ ls\n```\n\n```console\nls\n```\n"
+    )
     executed, problems = code_blocks(page, root=tmp_path)
-    assert executed == [] and len(problems) == 2
+    assert executed == [] and len(problems) == 3
     assert "page.md:1: a code block tagged ''" in problems[0]
 
 
