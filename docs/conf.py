@@ -102,6 +102,8 @@ add_module_names = False
 nitpicky = True
 nitpick_ignore_regex = [
     ("py:class", r"(jax|jaxlib|optax|flax|chex|numpy|collections\.abc|typing)(\..*)?"),
+    # the inner state of a public state type, shown by name (not a public name itself)
+    ("py:class", r"mtl_optax\.weighting\.tracking\.MoCoWeightsState"),
 ]
 python_use_unqualified_type_names = True
 

@@ -92,10 +92,21 @@ def test_every_entry_names_an_existing_object_once():
     assert not twice, f"documented twice: {twice}"
 
 
+def covered_objects(entries: list[tuple[str, str]]) -> set[int]:
+    """``id`` of every object an entry names (entries naming nothing are reported above)."""
+    covered = set()
+    for _, name in entries:
+        try:
+            covered.add(id(resolve(name)))
+        except (ImportError, AttributeError):
+            pass
+    return covered
+
+
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_every_public_name_is_documented(namespace):
     module = importlib.import_module(namespace)
-    covered = {id(resolve(name)) for _, name in ENTRIES}
+    covered = covered_objects(ENTRIES)
     undocumented = [n for n in public_names(module) if id(getattr(module, n)) not in covered]
     assert not undocumented, (
         f"public names of {namespace} missing from the API reference (docs/api/*.md): "
@@ -108,7 +119,7 @@ def test_the_check_can_fail(tmp_path):
     page.write_text("```{eval-rst}\n.. currentmodule:: mtl_optax\n\n.. autofunction:: mgda\n```\n")
     entries = documented([page])
     assert entries == [("page.md", "mtl_optax.mgda")]
-    covered = {id(resolve(name)) for _, name in entries}
+    covered = covered_objects(entries)
     import mtl_optax
 
     assert id(mtl_optax.mgda) in covered and id(mtl_optax.upgrad) not in covered
