@@ -364,7 +364,7 @@ def split_value_and_grad(
       only makes sense when the tasks share input samples (with disjoint samples the feature
       gradients are orthogonal).
     * ``"parameters"`` (tier 3 with bounded memory): the exact Gram of the per-task encoder
-      gradients, by :func:`mtl_optax.gram.linear_gram` (K encoder backward + K forward-mode
+      gradients, by ``mtl_optax.gram.linear_gram`` (K encoder backward + K forward-mode
       passes, ``chunk_size`` at a time), never holding more than ``chunk_size`` gradients: the
       same weights and update as :func:`split_value_and_jacobian` + :func:`mtl_optax.aggregate`
       for every weighting, in O(parameters) memory at any K.

@@ -80,7 +80,7 @@ def mgda(
         that is ``≤ eps`` counts as 1 (a zero gradient or loss carries no scale), so
         ``"loss+"`` with zero losses gives the ``"l2"`` weights. A NaN or infinite loss
         gives NaN weights.
-      solver: ``"active_set"`` (default; exact, see :func:`solvers.min_norm_weights`),
+      solver: ``"active_set"`` (default; exact, see :func:`~mtl_optax.min_norm_weights`),
         ``"frank_wolfe"`` (exact line search, the original solver; sublinear on faces) or
         ``"frank_wolfe_fixed_step"`` (``α ← (kα + e_τ)/(k + 1)``).
       max_iters: solver iteration cap (default ``3K + 10`` active set, 250 Frank–Wolfe).
