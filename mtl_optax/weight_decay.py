@@ -51,7 +51,7 @@ def weight_decay_constraint(*, mask=None) -> optax.GradientTransformation:
                 "weight_decay_constraint: `params` and the updates have different structures:"
                 f"\n{p_treedef}\nvs\n{treedef}"
             )
-        use = resolve_mask(mask, params, name="mask")
+        use = resolve_mask(True if mask is None else mask, params, name="mask")
         names = [
             jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)
         ]
