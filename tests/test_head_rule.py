@@ -39,7 +39,8 @@ def expected_heads(losses_fn, params, weights, weighting):
 
 
 def plain_paths(weighting, params, batch):
-    """``{path: (weights, head update)}`` of the plain-pytree paths, one jit."""
+    """``{path: (weights, head update)}`` of the plain-pytree paths and the split tier 3's
+    ``task_weights`` by name, one jit."""
 
     def run(params):
         out = {}
@@ -50,12 +51,13 @@ def plain_paths(weighting, params, batch):
             grad_fn = mtl.split_value_and_grad(models.encode, heads, weighting, gram=gram)
             _, grads, state = grad_fn(params, batch, grad_fn.init(params))
             out[name] = (state.weights, grads["heads"])
-        losses, task_grads = mtl.split_value_and_jacobian(models.encode, models.HEADS)(
+        losses, task_grads = mtl.split_value_and_jacobian(models.encode, models.NAMED_HEADS)(
             params, batch
         )
-        t = mtl.aggregate(weighting, tasks=K)
+        t = mtl.aggregate(weighting, tasks=list(models.NAMES))
         updates, state = t.update(task_grads, t.init(params), params, task_losses=losses)
         out["split tier 3"] = (state.weights, updates["heads"])
+        named_weights = mtl.task_weights(state)
         losses, task_grads = mtl.value_and_jacobian(models.task_losses)(params, batch)
         t = mtl.aggregate(weighting, tasks=K, shared=models.SHARED)
         updates, state = t.update(task_grads, t.init(params), params, task_losses=losses)
@@ -63,7 +65,7 @@ def plain_paths(weighting, params, batch):
         grad_fn = mtl.value_and_grad(models.task_losses, weighting, tasks=K, shared=models.SHARED)
         _, grads, state = grad_fn(params, batch, grad_fn.init(params))
         out["whole value_and_grad"] = (state.weights, grads["heads"])
-        return out
+        return out, named_weights
 
     return jax.jit(run)(params)
 
@@ -152,7 +154,9 @@ def test_every_path_obeys_the_head_rule(name):
     weighting = zoo.WEIGHTINGS[name](K)
     params = models.init_params(jax.random.PRNGKey(0))
     batch = models.make_batch(jax.random.PRNGKey(1))
-    results = plain_paths(weighting, params, batch)
+    results, named_weights = plain_paths(weighting, params, batch)
+    assert list(named_weights) == list(models.NAMES)  # task names come back with the weights
+    np.testing.assert_array_equal(list(named_weights.values()), results["split tier 3"][0])
     if name in FLAX_CHECKED:
         results.update(nnx_paths(weighting, params, batch))
         results.update(linen_path(weighting, params, batch))
