@@ -19,6 +19,7 @@ from mtl_optax.stacked import (
     graddrop,
     trimmed_mean,
 )
+from mtl_optax.structured_gram import BatchCouplingError, value_and_gram
 from mtl_optax.train_state import apply_task_gradients
 from mtl_optax.weight_decay import weight_decay_constraint
 from mtl_optax.weighted import WeightedGrads, weighted_value_and_grad

@@ -188,9 +188,9 @@ def prepare(fn: Callable, params, args, kwargs, *, batch_dim, has_aux, strategy,
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)) or hasattr(
-        x, "__jax_array__"
-    )
+    """Arrays become inputs of the trace; Python scalars and other leaves stay static (a
+    ``train=True`` flag keeps steering Python control flow, as under ``jax.grad``)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
 
 
 def _batch_leaves(args, batch_dim) -> tuple[int, int | None]:

@@ -25,7 +25,9 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_optax.structured_gram.program import Lit, Op, Program, flatten
 
@@ -68,13 +70,30 @@ CUSTOM_CALLS = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
 def where(op: Op) -> str:
-    """``file:line (function)`` of the user code that created ``op``, when jax knows it."""
+    """``file:line (function)`` of the code that created ``op`` and, when that is inside a
+    library (flax, optax, ...), of the first calling line outside any installed package."""
     try:
         from jax._src import source_info_util
 
-        return source_info_util.summarize(op.eqn.source_info)
+        frames = list(source_info_util.user_frames(op.eqn.source_info.traceback))
     except Exception:  # pragma: no cover - private API changed
         return "unknown location"
+    if not frames:
+        return "unknown location"
+
+    def text(frame) -> str:
+        return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+
+    def library(frame) -> bool:
+        name = frame.file_name.replace("\\", "/")
+        return "-packages/" in name or "/mtl_optax/structured_gram/" in name
+
+    out = text(frames[0])
+    if library(frames[0]):
+        caller = next((f for f in frames if not library(f)), None)
+        if caller is not None:
+            out += f", called from {text(caller)}"
+    return out
 
 
 @dataclasses.dataclass
@@ -451,7 +470,8 @@ def _track_iota(program: Program, op: Op, iotas: dict) -> None:
 
 
 def _is_zero(atom, program: Program) -> bool:
-    if isinstance(atom, Lit):
-        return bool(jnp.all(jnp.asarray(atom.value) == 0))
-    value = program.consts.get(atom)
-    return value is not None and jnp.ndim(value) == 0 and bool(value == 0)
+    """Whether ``atom`` is a concrete scalar zero (a literal or a constant, not a tracer)."""
+    value = atom.value if isinstance(atom, Lit) else program.consts.get(atom)
+    if value is None or isinstance(value, jax.core.Tracer) or jnp.ndim(value) != 0:
+        return False
+    return bool(np.asarray(value) == 0)
