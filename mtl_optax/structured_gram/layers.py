@@ -212,15 +212,10 @@ def factors(
     # convolution
     spec = op.params["dimension_numbers"]
     x, v = invals
-    lhs = jnp.transpose(x, spec.lhs_spec)
-    patches = lax.conv_general_dilated_patches(
-        lhs,
+    patches = conv_patches(
+        jnp.transpose(x, spec.lhs_spec),
         [v.shape[d] for d in spec.rhs_spec[2:]],
-        op.params["window_strides"],
-        op.params["padding"],
-        lhs_dilation=op.params["lhs_dilation"],
-        rhs_dilation=op.params["rhs_dilation"],
-        precision=HIGHEST,
+        op.params,
     )
     data = jnp.moveaxis(patches, 1, -1)[..., None, :]  # (N, *spatial, H=1, X)
     out = jnp.transpose(cot, list(range(lead)) + [lead + d for d in spec.out_spec])
@@ -228,6 +223,41 @@ def factors(
     row_ex = None if tasks else Ex(0, in_ex.inner)
     data, out = _rows(data, out, st, batch, row_ex, tasks)
     return Factors(data, out, False)
+
+
+def conv_patches(lhs: jax.Array, window: list[int], params: dict) -> jax.Array:
+    """Unfolded input patches (N, C·prod(window), *output spatial) of a convolution.
+
+    ``lhs`` is in (N, C, *spatial) layout. Without input dilation the patches are strided
+    slices of the padded input (no arithmetic); with it, ``conv_general_dilated_patches``.
+    Feature order: channel-major, then the window positions.
+    """
+    strides, padding = params["window_strides"], params["padding"]
+    lhs_dilation, rhs_dilation = params["lhs_dilation"], params["rhs_dilation"]
+    if isinstance(padding, str) or any(d != 1 for d in lhs_dilation):
+        return lax.conv_general_dilated_patches(
+            lhs,
+            window,
+            strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            precision=HIGHEST,
+        )
+    padded = jnp.pad(lhs, [(0, 0), (0, 0)] + [tuple(p) for p in padding])
+    spatial = padded.shape[2:]
+    out = [
+        (n - (k - 1) * r - 1) // s + 1 for n, k, r, s in zip(spatial, window, rhs_dilation, strides)
+    ]
+    slices = []
+    for offset in np.ndindex(*window):
+        start = [0, 0] + [o * r for o, r in zip(offset, rhs_dilation)]
+        limit = [padded.shape[0], padded.shape[1]] + [
+            st + (m - 1) * s + 1 for st, m, s in zip(start[2:], out, strides)
+        ]
+        slices.append(lax.slice(padded, start, limit, [1, 1, *strides]))
+    stacked = jnp.stack(slices, axis=2)  # (N, C, K, *out)
+    return stacked.reshape((stacked.shape[0], -1) + stacked.shape[3:])
 
 
 def _sorted(dims, labels) -> list[int]:
