@@ -31,9 +31,10 @@ memory analysis of the compiled function (arguments + outputs + temporaries - al
 as in ``benchmarks/speed.py``. Sanity line: before the interleaved rounds PyTorch's plain
 step is timed alone (``--calls`` consecutive calls, JAX idle) and compared with its
 interleaved median; with the machine load (``os.getloadavg``). When the two differ by more
-than 1.5x (another job competing for the cores: PyTorch's threads degrade much more than
-XLA's under contention), or when the two frameworks do not run on the same kind of device,
-no cross-library ratio is printed. The PyTorch Gram is also compared with ours on the same
+than 1.5x, when the 1-minute load average exceeds 1.5x the cores (other jobs compete for
+them: PyTorch's threads degrade much more than XLA's under contention, and then alone and
+interleaved alike), or when the two frameworks do not run on the same kind of device, no
+cross-library ratio is printed. The PyTorch Gram is also compared with ours on the same
 parameters and batch (it must agree: same model).
 
     python -m benchmarks.gram_speed --torch-python .venv-ref/bin/python
@@ -97,9 +98,10 @@ def make_batch(model: str, batch_size: int, seed: int = 1) -> tuple[np.ndarray, 
     return rng.random(shape, dtype=np.float32), rng.integers(0, 10, batch_size).astype(np.int32)
 
 
-def machine_load() -> str:
+def machine_load() -> tuple[float, str]:
+    """The 1-minute load average and a line describing it."""
     one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {num_cores()} cores"
+    return one, f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {num_cores()} cores"
 
 
 def num_cores() -> int:
@@ -111,7 +113,7 @@ def num_cores() -> int:
 
 # --------------------------------------------------------------------------- JAX side
 def jax_functions(model: str, params_np, batch_np):
-    """Name -> (jitted function, its arguments), and the per-example loss."""
+    """Name -> (compiled function, its arguments)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -167,16 +169,17 @@ def jax_functions(model: str, params_np, batch_np):
     batch = tuple(jnp.asarray(a) for a in batch_np)
     state = weighting.init(batch_np[1].shape[0])
     fns = {
-        "plain step": (jax.jit(plain), (params, batch)),
-        "Gram (ours)": (jax.jit(gram), (params, batch)),
-        "Gram (vmap(grad))": (jax.jit(vmap_gram), (params, batch)),
-        "IWRM step (ours)": (jax.jit(iwrm), (params, state, batch)),
+        "plain step": (plain, (params, batch)),
+        "Gram (ours)": (gram, (params, batch)),
+        "Gram (vmap(grad))": (vmap_gram, (params, batch)),
+        "IWRM step (ours)": (iwrm, (params, state, batch)),
     }
-    return fns, losses_fn
+    # compiled once: the executables are timed and their memory analysed
+    return {name: (jax.jit(f).lower(*a).compile(), a) for name, (f, a) in fns.items()}
 
 
-def peak_mb(fn, args) -> float:
-    stats = fn.lower(*args).compile().memory_analysis()
+def peak_mb(compiled) -> float:
+    stats = compiled.memory_analysis()
     total = (
         stats.argument_size_in_bytes
         + stats.output_size_in_bytes
@@ -339,8 +342,8 @@ def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
 
     params_np = init_params(model, args.width)
     batch_np = make_batch(model, args.batch_size)
-    fns, _ = jax_functions(model, params_np, batch_np)
-    memory = {name: peak_mb(fn, a) for name, (fn, a) in fns.items()}
+    fns = jax_functions(model, params_np, batch_np)
+    memory = {name: peak_mb(fn) for name, (fn, _) in fns.items()}
     torch_proc = None
     gram_check = None
     if torch_python is not None:
@@ -360,7 +363,7 @@ def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
     alone = None
     if torch_proc is not None:
         alone = torch_proc.ask(f"alone {args.calls}")["median"]
-    load_before = machine_load()
+    load, load_line = machine_load()
     for r in range(2 + args.calls):
         for name, (fn, a) in fns.items():
             start = time.perf_counter()
@@ -373,12 +376,16 @@ def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
                     times[name].append(seconds)
     if torch_proc is not None:
         torch_proc.close()
+    load_after, line_after = machine_load()
+    if load_after > load:
+        load, load_line = load_after, line_after  # the busier of before / after the rounds
     medians = {name: float(np.median(t)) for name, t in times.items() if t}
     return {
         "medians": medians,
         "memory": memory,
         "alone": alone,
-        "load": load_before,
+        "load": load,
+        "load_line": load_line,
         "gram_check": gram_check,
         "torch_version": None if torch_proc is None else torch_proc.version,
         "backend": jax.default_backend(),
@@ -408,7 +415,7 @@ def table(model: str, out: dict[str, Any], args) -> tuple[str, list[str]]:
         sane = 1 / SANITY_FACTOR <= ratio <= SANITY_FACTOR
         notes.append(
             f"Sanity: PyTorch's plain step interleaved {1e3 * tplain:.2f} ms vs timed alone "
-            f"{1e3 * out['alone']:.2f} ms ({ratio:.2f}×); {out['load']}."
+            f"{1e3 * out['alone']:.2f} ms ({ratio:.2f}×); {out['load_line']}."
         )
         notes.append(
             f"PyTorch's Gram vs ours on the same parameters and batch: max relative difference "
@@ -420,6 +427,12 @@ def table(model: str, out: dict[str, Any], args) -> tuple[str, list[str]]:
             notes.append(
                 f"No cross-library ratio: the sanity check is off by more than {SANITY_FACTOR}× "
                 "(the machine is busy)."
+            )
+        elif out["load"] > SANITY_FACTOR * num_cores():
+            notes.append(
+                f"No cross-library ratio: the load average exceeds {SANITY_FACTOR}× the cores "
+                "(other jobs compete for them; PyTorch's threads degrade much more than XLA's, "
+                "interleaved and alone alike)."
             )
         else:
             notes.append(

@@ -129,9 +129,10 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # one mean-loss and one IWRM method: each run compiles its own step
         args.seeds, args.steps, args.hidden = 1, 40, [32]
         args.batch_size, args.eval_every = 16, 20
+        args.methods = ["SGD, mean loss", "SGD, UPGrad (IWRM)"]
     clock = common.Stopwatch()
 
     x, y = common.mnist_split("train")

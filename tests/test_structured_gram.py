@@ -45,7 +45,7 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b| over all leaves (NumPy: no compilation outside the tests' jit)."""
     a = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(a)]
     b = [np.asarray(y, np.float64) for y in jax.tree_util.tree_leaves(b)]
-    scale = max(np.max(np.abs(y)) for y in b)
+    scale = max(max(np.max(np.abs(y)) for y in b), np.finfo(np.float64).tiny)
     return max(np.max(np.abs(x - y)) for x, y in zip(a, b)) / scale
 
 
@@ -102,12 +102,16 @@ def init_mlp(seed, sizes, dtype=np.float32):
     ]
 
 
+CLASS_WEIGHTS = np.array([1.0, 2.0, 0.5], np.float32)  # captured constants in the jaxpr
+
+
 def mlp_loss(params, batch):
     x, y = batch
     for layer in params[:-1]:
         x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    logits = x @ params[-1]["w"] + params[-1]["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    logits = x @ (params[-1]["w"] * CLASS_WEIGHTS) + params[-1]["b"]
+    weights = jnp.asarray(CLASS_WEIGHTS)[y]
+    return weights * optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
 def mlp_problem(dtype=np.float32, sizes=(6, 8, 7, 3), n=5):
@@ -363,8 +367,13 @@ def test_auto_picks_the_cheaper_path_per_layer():
     layer materialises (B²·T²·17 > B·T·64 + B²·64), as does a convolution with 42 output
     pixels per example; elementwise scales and biases are always materialised."""
     params = init_mlp(10, (64, 48, 2))
-    batch = (normal(np.random.default_rng(11), (32, 64)), jnp.asarray(np.zeros(32, np.int32)))
-    plan = leaf_strategies(mlp_loss, params, batch)
+
+    def plain_mlp(params, batch):
+        h = jax.nn.relu(batch[0] @ params[0]["w"] + params[0]["b"])
+        return jnp.sum(h @ params[1]["w"] + params[1]["b"], -1)
+
+    batch = (normal(np.random.default_rng(11), (32, 64)),)
+    plan = leaf_strategies(plain_mlp, params, batch)
     assert plan["[0]['w']"] == plan["[1]['w']"] == "ghost", plan
     assert plan["[0]['b']"] == plan["[1]['b']"] == "materialize", plan
 
@@ -390,7 +399,7 @@ def test_eager_call_equals_jitted_call():
     np.testing.assert_allclose(losses, jit_losses, rtol=1e-6)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     n=st.integers(1, 5),
     t=st.integers(1, 4),

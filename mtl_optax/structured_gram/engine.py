@@ -277,7 +277,7 @@ class _Engine:
             for k, a in enumerate(op.ins)
             if not isinstance(a, Lit)
             and in_axes[k] is None
-            and analysis.deps[a]
+            and analysis.deps.get(a)
             and jnp.issubdtype(program.dtype(a), jnp.inexact)
         )
         if not params_at:
@@ -350,7 +350,7 @@ class _Engine:
         out = []
         for pos in meet.params_at:
             var = op.ins[pos]
-            deps = analysis.deps[var]
+            deps = analysis.deps.get(var, frozenset())
             view = orthogonal_view(program, var, self.leaf_vars) if len(deps) == 1 else None
             st = None
             if meet.kind in FACTORED:

@@ -344,6 +344,7 @@ def ghost_pair(f1: Factors, f2: Factors, swapped: bool, dtype) -> jax.Array:
     ``swapped``: use 2's output side lines up with use 1's input side (a transposed use, as
     a tied embedding's output projection is of its lookup table).
     """
+    f1, f2 = _cast(f1, dtype), _cast(f2, dtype)
     if swapped:
         k1 = _kernel(f1.data, f1.index, f2.cot, False)
         k2 = _kernel(f1.cot, False, f2.data, f2.index)
@@ -351,6 +352,12 @@ def ghost_pair(f1: Factors, f2: Factors, swapped: bool, dtype) -> jax.Array:
         k1 = _kernel(f1.data, f1.index, f2.data, f2.index)
         k2 = _kernel(f1.cot, False, f2.cot, False)
     return jnp.einsum("bthes,bthes->be", k1.astype(dtype), k2.astype(dtype), precision=HIGHEST)
+
+
+def _cast(f: Factors, dtype) -> Factors:
+    """Dense factors in the Gram's dtype (float32 or wider) before any product."""
+    data = f.data if f.index else f.data.astype(dtype)
+    return Factors(data, f.cot.astype(dtype), f.index)
 
 
 def ghost_tasks(f: Factors, dtype) -> jax.Array:
