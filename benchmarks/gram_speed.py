@@ -259,9 +259,9 @@ def torch_worker(argv: Sequence[str]) -> None:
         gramian = engine.compute_gramian(losses)
         weights = torch.full_like(losses, 1.0 / losses.shape[0])
         losses.backward(weights)
-        return gramian
         jd_optimizer.step()
         jd_optimizer.zero_grad()
+        return gramian
 
     calls = {"torch plain step": plain, "torchjd Gram": gram, "torchjd IWRM step": iwrm}
     reply = lambda obj: print(json.dumps(obj), flush=True)  # noqa: E731

@@ -213,26 +213,25 @@ def transformer_problem(dtype=np.float32, vocab=11, d=8, heads=2, t=5, n=3):
     return transformer_loss, params, (jnp.asarray(tokens), jnp.asarray((tokens * 3 + 1) % vocab))
 
 
-class LinenBlock(nn.Module):
-    @nn.compact
-    def __call__(self, tokens):
-        embed = nn.Embed(11, 8)
-        h = embed(tokens)
-        h = h + nn.SelfAttention(num_heads=2, qkv_features=8)(nn.LayerNorm()(h))
-        h = h + nn.Dense(8)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(h))))
-        return embed.attend(nn.LayerNorm()(h))
+def tied_loss(params, batch):
+    """Embedding lookup, per-head projections, the embedding reused as output projection."""
+    tokens, targets = batch
+    h = jnp.take(params["embed"], tokens, axis=0)
+    q = jnp.einsum("btd,dhe->bthe", h, params["wq"])
+    h = h + jnp.einsum("bthe,hed->btd", jnp.tanh(q), params["wo"])
+    logits = h @ params["embed"].T
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(-1)
 
 
-def linen_transformer_problem():
-    model = LinenBlock()
-    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 11, (3, 4)))
-
-    def loss(params, batch):
-        logits = model.apply(params, batch[0])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean(-1)
-
-    params = random_like(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens), 5)
-    return loss, params, (tokens, (tokens + 1) % 11)
+def tied_problem(dtype=np.float32, vocab=7, d=4, heads=2, t=3, n=3):
+    rng = np.random.default_rng(15)
+    params = {
+        "embed": normal(rng, (vocab, d), dtype),
+        "wq": normal(rng, (d, heads, d // heads), dtype, d**-0.5),
+        "wo": normal(rng, (heads, d // heads, d), dtype, d**-0.5),
+    }
+    tokens = rng.integers(0, vocab, (n, t))
+    return tied_loss, params, (jnp.asarray(tokens), jnp.asarray((tokens + 2) % vocab))
 
 
 class NnxNet(nnx.Module):
@@ -321,7 +320,6 @@ PROBLEMS = {
     "lax_conv": lax_conv_problem,
     "linen_cnn": linen_cnn_problem,
     "transformer": transformer_problem,
-    "linen_transformer": linen_transformer_problem,
     "nnx": nnx_problem,
     "exotic": exotic_problem,
 }
@@ -339,12 +337,19 @@ def test_examples_on_another_axis_merged_reshape_and_arange_gather():
     assert_exact(loss_fn, params, batch, batch_dim=1)
 
 
-@pytest.mark.parametrize("name, strategies", [("transformer", ("ghost",)), ("exotic", ("auto",))])
-def test_float64_exact_to_1e_12(name, strategies):
-    """Ghost terms (dot with per-head blocks, gather with tied cross terms) and fallbacks."""
+@pytest.mark.parametrize(
+    "problem, strategies",
+    [(tied_problem, ("ghost",)), (lax_conv_problem, ("ghost",)), (exotic_problem, ("auto",))],
+)
+def test_float64_exact_to_1e_12(problem, strategies):
+    """Ghost terms (dot with per-head blocks, gather with the tied projection's cross terms,
+    convolution) and the exact fallbacks, in float64."""
     with jax.enable_x64(True):
-        loss_fn, params, batch = PROBLEMS[name](np.float64)
+        loss_fn, params, batch = problem(np.float64)
         assert_exact(loss_fn, params, batch, rtol=RTOL64, strategies=strategies)
+        if problem is tied_problem:
+            plan = leaf_strategies(loss_fn, params, batch, strategy="ghost")
+            assert set(plan.values()) == {"ghost"}, plan
 
 
 def test_the_ghost_paths_are_the_ones_taken():
@@ -389,7 +394,12 @@ def test_auto_picks_the_cheaper_path_per_layer():
 
 def test_eager_call_equals_jitted_call():
     """The engine also runs outside jit (every other test runs it inside one program)."""
-    loss_fn, params, batch = mlp_problem(sizes=(6, 3), n=3)
+
+    def loss_fn(p, batch):
+        return jnp.sum(jnp.tanh(batch[0] @ p["w"]), -1)
+
+    rng = np.random.default_rng(16)
+    params, batch = {"w": normal(rng, (4, 2))}, (normal(rng, (3, 4)),)
     engine = value_gram_and_combine(loss_fn)
     w = jnp.asarray(np.arange(3.0, dtype=np.float32))
     losses, gram, combine = engine(params, batch)
@@ -468,8 +478,8 @@ def task_losses(params, batch):
     )
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_task_gram_equals_tier_3(strategy):
+def test_task_gram_equals_tier_3():
+    """Every strategy (one compiled program), against ``mtl.value_and_jacobian``."""
     rng = np.random.default_rng(12)
     params = {
         "w1": normal(rng, (4, 6)),
@@ -483,18 +493,21 @@ def test_task_gram_equals_tier_3(strategy):
     @jax.jit
     def run(params, batch):
         losses, task_grads = mtl.value_and_jacobian(task_losses)(params, batch)
-        engine = value_gram_and_combine(task_losses, batch_dim=None, strategy=strategy)
-        out_losses, gram, combine = engine(params, batch)
         expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(w, g, 1), task_grads.tree)
-        return losses, out_losses, mtl.task_gram(task_grads.tree), gram, expected, combine(w)
+        got = {}
+        for strategy in STRATEGIES:
+            engine = value_gram_and_combine(task_losses, batch_dim=None, strategy=strategy)
+            out_losses, gram, combine = engine(params, batch)
+            got[strategy] = out_losses, gram, combine(w)
+        return losses, mtl.task_gram(task_grads.tree), expected, got
 
-    losses, out_losses, expected_gram, gram, expected, update = run(params, batch)
-    np.testing.assert_allclose(out_losses, losses, rtol=1e-6)
-    assert rel_err(gram, expected_gram) <= RTOL32
-    assert rel_err(update, expected) <= RTOL32
-    if strategy == "ghost":
-        plan = leaf_strategies(task_losses, params, batch, batch_dim=None, strategy="ghost")
-        assert plan["['w2']"] == plan["['w3']"] == "ghost", plan
+    losses, expected_gram, expected, got = run(params, batch)
+    for strategy, (out_losses, gram, update) in got.items():
+        np.testing.assert_allclose(out_losses, losses, rtol=1e-6)
+        assert rel_err(gram, expected_gram) <= RTOL32, strategy
+        assert rel_err(update, expected) <= RTOL32, strategy
+    plan = leaf_strategies(task_losses, params, batch, batch_dim=None, strategy="ghost")
+    assert plan["['w2']"] == plan["['w3']"] == "ghost", plan
 
 
 # --------------------------------------------------------------------------- coupling

@@ -63,8 +63,14 @@ from collections.abc import Callable
 
 from mtl_optax.structured_gram import engine
 from mtl_optax.structured_gram.example_axis import BatchCouplingError
+from mtl_optax.structured_gram.instance_wise import instance_wise_value_and_grad
 
-__all__ = ["BatchCouplingError", "value_and_gram", "value_gram_and_combine"]
+__all__ = [
+    "BatchCouplingError",
+    "instance_wise_value_and_grad",
+    "value_and_gram",
+    "value_gram_and_combine",
+]
 
 
 def value_gram_and_combine(

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_optax.jacobian import map_over_tasks
 from mtl_optax.structured_gram import layers
 from mtl_optax.structured_gram.example_axis import (
     ELEMENTWISE,
@@ -33,6 +32,7 @@ from mtl_optax.structured_gram.program import (
     read,
     tree_paths,
 )
+from mtl_optax.task_gradients import map_over_tasks
 
 STRATEGIES = ("auto", "ghost", "materialize")
 FACTORED = ("dot", "conv", "gather")
