@@ -38,7 +38,7 @@ cross-library ratio is printed. The PyTorch Gram is also compared with ours on t
 parameters and batch (it must agree: same model).
 
     python -m benchmarks.gram_speed --torch-python .venv-ref/bin/python
-    python -m benchmarks.gram_speed --smoke        # seconds, tiny sizes, no torch
+    python -m benchmarks.gram_speed --smoke        # seconds: the CNN, tiny sizes, no torch
 
 Only the standard library and NumPy are imported at module level: the PyTorch side runs
 this same file (``--torch-worker``) in an interpreter without JAX.
@@ -457,8 +457,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="folder for gram_speed_<backend>.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds, no torch")
     args = parser.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # the CNN has both kinds of layers (convolutions, dense)
         args.batch_size, args.width, args.calls, args.no_torch = 8, 16, 2, True
+        args.models = ["cnn"]
     return args
 
 
