@@ -1,8 +1,10 @@
 """The structured Gram and the IWRM step on 4 devices equal one device.
 
-Two IWRM steps (per-example Gram from ``value_gram_and_combine``, UPGrad weights,
-``combine(w)``, SGD) of a small MLP, with the batch split over 4 devices (data parallel)
-and, in a second layout, the parameters sharded on their leading axis too (FSDP-style);
+Two IWRM steps (``mtl.instance_wise_value_and_grad``: the per-example Gram from the
+structured engine, Aligned-MTL weights (a full-Gram weighting that compiles quickly),
+``Σ_b w_b g_b`` from the stored values; then SGD) of a small MLP, with the batch split over
+4 devices (data parallel) and, in a second layout, the parameters sharded on their leading
+axis too (FSDP-style); losses, update and weights are
 compared with the same steps on one device to float32 reassociation tolerance.
 """
 
@@ -17,7 +19,6 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mtl_optax as mtl
-from mtl_optax.structured_gram import value_gram_and_combine
 
 STEPS = 2
 RTOL, ATOL = 2e-5, 1e-6
@@ -47,19 +48,17 @@ def losses_fn(params, batch):
 
 
 def train(params, batch, constrain=None):
-    engine = value_gram_and_combine(losses_fn)
-    weighting = mtl.upgrad()
+    grad_fn = mtl.instance_wise_value_and_grad(losses_fn, mtl.aligned_mtl(), batch_size=16)
 
     @jax.jit
     def step(params, state, batch):
-        losses, gram, combine = engine(params, batch)
-        weights, state = weighting.update(gram, losses, state)
-        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, combine(weights))
+        losses, grads, state = grad_fn(params, batch, state)
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
         if constrain is not None:
             params = jax.lax.with_sharding_constraint(params, constrain)
-        return params, state, (losses, gram)
+        return params, state, (losses, grads, mtl.task_weights(state))
 
-    state = weighting.init(16)
+    state = grad_fn.init(params)
     for _ in range(STEPS):
         params, state, out = step(params, state, batch)
     return params, out
