@@ -43,6 +43,8 @@ torchjd's ``autogram.Engine`` does in PyTorch:
 4. ``combine(w) = Σ_b w_b g_b`` (a params-shaped pytree) reuses the same operands and
    cotangents: every use's backward with cotangent ``w ⊙ Δ`` (for a dense layer
    ``Xᵀ diag(w) Δ``), no second pass through the network.
+   :func:`instance_wise_value_and_grad` packages this as a training step (instance-wise
+   risk minimisation: weights from a Gram weighting, then ``combine(w)``).
 
 With ``batch_dim=None`` the function returns K task losses of any computation (examples
 may interact) and the engine runs K backward passes (vmapped on accelerators, one after
