@@ -24,6 +24,11 @@ from mtl_optax.stacked import (
     trimmed_mean,
 )
 from mtl_optax.state import AggregateState, task_weights
+from mtl_optax.structured_gram import (
+    BatchCouplingError,
+    instance_wise_value_and_grad,
+    value_and_gram,
+)
 from mtl_optax.task_gradients import TaskGradients
 from mtl_optax.train_state import apply_task_gradients
 from mtl_optax.weight_decay import weight_decay_constraint
