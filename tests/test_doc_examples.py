@@ -3,7 +3,7 @@
 The docstrings (of modules, functions, classes and methods, public or not) are read from the
 source files with ``ast``, so an example is found wherever it is written and run once. Each
 example runs in its own copy of the names that the API reference states once for all of
-them (the Python block under "The names the examples use" in ``docs/api/index.md``: ``jax``,
+them (the Python block after "The names the examples use." in ``docs/api/index.md``: ``jax``,
 ``jnp``, ``np``, ``optax``, ``mtl``, a K = 3 problem ``jac``, ``gram``, and a small split
 model ``params``, ``batch``, ``mask``, ``encoder``, ``task_head``, ``head_a``...,
 ``task_losses``, ``losses``, ``task_grads``); anything else an example uses, it defines
@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mtl_optax"
 INDEX = ROOT / "docs" / "api" / "index.md"
-PREAMBLE_HEADING = "## The names the examples use"
+PREAMBLE_HEADING = "**The names the examples use.**"
 MARKER = re.compile(r"^(?P<indent>[ \t]*)Examples?::[ \t]*$")
 
 
