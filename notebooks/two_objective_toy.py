@@ -71,8 +71,8 @@ METHODS = {  # name -> method (a weighting or a stacked aggregator); one line pe
     "IMTL-G": mtl.imtl_g(),
     "Aligned-MTL": mtl.aligned_mtl(),
     "ConFIG": mtl.config(),
-    "SDMGrad": mtl.sdmgrad(),
-    "MoDo": mtl.modo(),
+    "SDMGrad": mtl.sdmgrad(single_batch=True),
+    "MoDo": mtl.modo(single_batch=True),
     # direct aggregators on the stacked gradients
     "GradDrop": mtl.graddrop(key=KEY),
     "DB-MTL": mtl.db_mtl(),
