@@ -78,6 +78,8 @@ METHODS = {  # name -> method (a weighting or a stacked aggregator); one line pe
     "DB-MTL": mtl.db_mtl(),
     "ExcessMTL": mtl.excess_mtl(),
 }
+if SMALL:  # the test suite's reduced size: one method of each kind
+    METHODS = {name: METHODS[name] for name in ("equal weights", "FAMO", "MGDA", "DB-MTL")}
 OFFSET = 21.0  # added to the losses handed to the methods (all positive); gradients unchanged
 STARTS = jnp.array([[-8.5, 7.5], [0.0, 0.0], [9.0, 9.0], [-7.5, -0.5], [9.0, -1.0]])
 STEPS, LEARNING_RATE = (300 if SMALL else 3_500), 1e-2
