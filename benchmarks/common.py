@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.data import load_mnist, mnist_splits
+from benchmarks.data import mnist_split  # noqa: F401 (re-exported for the benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 10
@@ -50,13 +50,6 @@ def base_parser(description: str, *, steps: int, seeds: int = 3) -> argparse.Arg
 
 
 # --------------------------------------------------------------------------- data
-def mnist_split(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Flattened images (N, 784) float32 in [0, 1] and int32 labels of split ``name``."""
-    images, labels = load_mnist()
-    idx = getattr(mnist_splits(), name)
-    return images[idx].reshape(len(idx), -1), labels[idx]
-
-
 def sample_batch(key: jax.Array, arrays: Sequence[jax.Array], batch_size: int):
     """Uniform random minibatch (with replacement) of equally long arrays."""
     idx = jax.random.randint(key, (batch_size,), 0, arrays[0].shape[0])

@@ -36,22 +36,12 @@ import optax
 
 import mtl_optax as mtl
 from benchmarks import common
+from mtl_optax.datasets import long_tailed_indices
 
 RATIO = 100.0
 RARE = (7, 8, 9)
 HEAD = (0, 1, 2)
 METHODS = ("CE", "CE + post-hoc LA", "LA loss", "focal", "CB CE", "LDAM")
-
-
-def long_tailed_indices(labels: np.ndarray, *, ratio: float = RATIO) -> np.ndarray:
-    """Indices of an exponentially long-tailed subset (first ``n_c`` digits of class c)."""
-    n_max = np.bincount(labels).max()
-    num_classes = int(labels.max()) + 1
-    keep = []
-    for c in range(num_classes):
-        n_c = max(1, int(round(n_max * ratio ** (-c / (num_classes - 1)))))
-        keep.append(np.flatnonzero(labels == c)[:n_c])
-    return np.concatenate(keep)
 
 
 def make_loss(method: str, counts: jax.Array):

@@ -48,6 +48,7 @@ import optax
 
 import mtl_optax as mtl
 from benchmarks import common
+from mtl_optax.datasets import symmetric_label_noise as symmetric_noise
 
 NOISE_LEVELS = (0.4, 0.6)
 CLEAN_PER_CLASS = 20  # 200 clean auxiliary digits
@@ -70,15 +71,6 @@ def clean_split(labels: np.ndarray, per_class: int = CLEAN_PER_CLASS) -> np.ndar
     for c in range(common.NUM_CLASSES):
         mask[np.flatnonzero(labels == c)[:per_class]] = True
     return mask
-
-
-def symmetric_noise(
-    labels: np.ndarray, rate: float, rng: np.random.Generator, num_classes: int = 10
-) -> np.ndarray:
-    """Each label, with probability ``rate``, replaced by a uniformly drawn *other* class."""
-    flip = rng.random(len(labels)) < rate
-    offset = rng.integers(1, num_classes, len(labels))  # 1..C-1: never the same class
-    return np.where(flip, (labels + offset) % num_classes, labels).astype(np.int32)
 
 
 class Data(NamedTuple):

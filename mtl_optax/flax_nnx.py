@@ -33,6 +33,24 @@ training written with ``nnx.value_and_grad`` and with the plain-pytree API (bit 
 
 Example::
 
+    from flax import nnx
+    import mtl_optax.flax_nnx as mtl_nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.trunk = nnx.Linear(4, 8, rngs=rngs)
+            self.a, self.b = nnx.Linear(8, 1, rngs=rngs), nnx.Linear(8, 1, rngs=rngs)
+
+    def encoder(model, batch):
+        return nnx.relu(model.trunk(batch["x"]))
+
+    def head_a(model, z, batch):
+        return jnp.mean((model.a(z)[:, 0] - batch["y"][:, 0]) ** 2)
+
+    def head_b(model, z, batch):
+        return jnp.mean((model.b(z)[:, 0] - batch["y"][:, 1]) ** 2)
+
+    model = Model(nnx.Rngs(0))
     jac = mtl_nnx.split_value_and_jacobian(encoder, {"a": head_a, "b": head_b})
     optimizer = nnx.Optimizer(
         model, optax.chain(mtl.aggregate(mtl.mgda(), tasks=["a", "b"]), optax.adam(1e-3)),
@@ -43,6 +61,8 @@ Example::
         losses, task_grads = jac(model, batch)
         optimizer.update(model, task_grads, task_losses=losses)
         return losses
+
+    losses = step(model, optimizer, batch)
 """
 
 from __future__ import annotations

@@ -270,6 +270,7 @@ def split_value_and_jacobian(
 
         jac = mtl.split_value_and_jacobian(encoder, {"left": head_left, "right": head_right})
         opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=["left", "right"]), optax.adam(1e-3))
+        opt_state = opt.init(params)
         losses, task_grads = jac(params, batch)
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
     """
@@ -385,7 +386,8 @@ def split_value_and_grad(
         grad_fn = mtl.split_value_and_grad(encoder, [head_a, head_b], mtl.mgda())
         state = grad_fn.init(params)
         losses, grads, state = grad_fn(params, batch, state)
-        updates, opt_state = optax.adam(1e-3).update(grads, opt_state, params)
+        tx = optax.adam(1e-3)
+        updates, opt_state = tx.update(grads, tx.init(params), params)
     """
     pure = plain_split(encoder, heads)
     return weighted_split(pure, method, gram, chunk_size, "split_value_and_grad")

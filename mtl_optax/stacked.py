@@ -225,7 +225,8 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> 
 
     Example::
 
-        opt = optax.chain(mtl.aggregate(mtl.db_mtl(), tasks=K), optax.adam(1e-3))
+        opt = optax.chain(mtl.aggregate(mtl.db_mtl(), tasks=K, shared=mask), optax.adam(1e-3))
+        s = opt.init(params)
         updates, s = opt.update(task_grads, s, params, task_losses=losses)
     """
     beta = check_real("beta", beta, low=0.0, high=1.0)
@@ -329,7 +330,8 @@ def excess_mtl(
 
     Example::
 
-        opt = optax.chain(mtl.aggregate(mtl.excess_mtl(), tasks=K), optax.adam(1e-3))
+        opt = optax.chain(mtl.aggregate(mtl.excess_mtl(), tasks=K, shared=mask), optax.adam(1e-3))
+        updates, s = opt.update(task_grads, opt.init(params), params)
     """
     step_size = check_real("robust_step_size", robust_step_size, low=0.0, low_open=True)
     warmup = check_int("n_warmup_steps", n_warmup_steps, low=0)
@@ -425,7 +427,8 @@ def moco(
 
     Example::
 
-        opt = optax.chain(mtl.aggregate(mtl.moco(), tasks=K), optax.adam(1e-3))
+        opt = optax.chain(mtl.aggregate(mtl.moco(), tasks=K, shared=mask), optax.adam(1e-3))
+        s = opt.init(params)
         updates, s = opt.update(task_grads, s, params, task_losses=losses)
     """
     beta = check_real("beta", beta, low=0.0, high=1.0, low_open=True)

@@ -26,7 +26,7 @@ class AggregateState(NamedTuple):
     """``weights`` (K,) float32, the last task weights; ``method_state``, the method's own.
 
     A NamedTuple, so flax serialization, orbax and ``nnx.Optimizer`` handle it like any optax
-    state. Each (method, task names) pair gets its own subclass (:func:`state_type`) whose
+    state. Each (method, task names) pair gets its own subclass (``state_type``) whose
     class attributes say ``method`` (the method's name), ``names`` (the task names or
     ``None``) and ``has_weights`` (False for methods that combine gradients coordinate by
     coordinate: :func:`task_weights` then reports NaN); they are static, part of the

@@ -110,6 +110,7 @@ def value_and_jacobian(
 
         losses, task_grads = mtl.value_and_jacobian(task_losses)(params, batch)
         opt = optax.chain(mtl.aggregate(mtl.mgda(), tasks=K, shared=mask), optax.adam(1e-3))
+        updates, s = opt.update(task_grads, opt.init(params), params, task_losses=losses)
     """
     check_strategy(strategy, chunk_size)
     if not isinstance(has_aux, bool):

@@ -3,10 +3,13 @@
 Every notebook ``notebooks/<name>.ipynb`` is generated from ``notebooks/<name>.py``: cells
 start at lines ``# %%`` (code) or ``# %% [markdown]`` (markdown, each line behind ``# ``);
 a line ``# %% [setup]`` stands for :data:`SETUP`, the first code cell every notebook shares
-(in Colab it clones the repository and installs the package with its ``flax`` and
-``examples`` extras; elsewhere it only puts the repository root on ``sys.path``). The token ``@GITHUB_REPO@``
-becomes :data:`GITHUB_REPO` (the Colab badge and the Colab install), so the repository is
-named in this one place.
+(in Colab it installs the package from the repository with its ``flax`` and ``examples``
+extras; elsewhere it expects the package installed: ``pip install "mtl-optax[flax,examples]"``),
+and ``# %% [helpers]`` for :data:`HELPERS`, a plain-JAX MLP and training loop that the
+notebooks on MNIST share. The notebooks import nothing from a checkout: their data come from
+:mod:`mtl_optax.datasets`, so they run wherever the package is installed. The token
+``@GITHUB_REPO@`` becomes :data:`GITHUB_REPO` (the Colab badge and the Colab install), so
+the repository is named in this one place.
 
 The notebooks run unchanged on CPU, GPU and TPU runtimes. With the environment variable
 ``MTL_OPTAX_NOTEBOOK_SMALL=1`` they run a reduced size (the test suite uses it); the
@@ -27,24 +30,98 @@ from pathlib import Path
 
 import nbformat
 
-GITHUB_REPO = "ORG/mtl_optax"  # owner/name on GitHub: set the owner before publishing
+GITHUB_REPO = "ORG/mtl_optax"  # the one place naming the repository (owner/name on GitHub)
 NOTEBOOKS = Path(__file__).resolve().parent
 SMALL_ENV = "MTL_OPTAX_NOTEBOOK_SMALL"
-MARKDOWN, SETUP_MARK, CODE = "# %% [markdown]", "# %% [setup]", "# %%"
+MARKDOWN, SETUP_MARK, HELPERS_MARK, CODE = (
+    "# %% [markdown]",
+    "# %% [setup]",
+    "# %% [helpers]",
+    "# %%",
+)
 SETUP = f"""\
+import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-if "google.colab" in sys.modules and not Path("/content/mtl_optax").exists():
-    url = "https://github.com/{GITHUB_REPO}"
-    subprocess.run(["git", "clone", "-q", "--depth=1", url, "/content/mtl_optax"], check=True)
-    package = "/content/mtl_optax[flax,examples]"
+if "google.colab" in sys.modules and importlib.util.find_spec("mtl_optax") is None:
+    package = "mtl-optax[flax,examples] @ git+https://github.com/{GITHUB_REPO}"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", package], check=True)
-    os.chdir("/content/mtl_optax/notebooks")
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root: data helpers in benchmarks/
 SMALL = os.environ.get("{SMALL_ENV}") == "1"  # the test suite's reduced size"""
+HELPERS = """\
+from typing import Any, NamedTuple
+
+
+def init_mlp(key, sizes):
+    \"\"\"He-initialised dense layers sizes[0] -> ... -> sizes[-1] (zero biases).\"\"\"
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros((n,))}
+        for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+    ]
+
+
+def mlp(params, x):
+    \"\"\"ReLU MLP with a linear last layer.\"\"\"
+    for i, layer in enumerate(params):
+        x = x @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def sample_batch(key, arrays, batch_size):
+    \"\"\"A uniform random minibatch (with replacement) of equally long arrays.\"\"\"
+    idx = jax.random.randint(key, (batch_size,), 0, arrays[0].shape[0])
+    return tuple(a[idx] for a in arrays)
+
+
+def accuracy(logits, labels):
+    return float(jnp.mean(jnp.argmax(logits, -1) == labels))
+
+
+def per_class_accuracy(logits, labels, num_classes=10):
+    pred, labels = np.asarray(jnp.argmax(logits, -1)), np.asarray(labels)
+    return np.array([np.mean(pred[labels == c] == c) for c in range(num_classes)])
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+
+
+def make_step(loss_fn, optimizer):
+    \"\"\"A pure step from loss_fn(params, key) -> (loss, metrics); the key draws the batch.\"\"\"
+
+    def step(state, key):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), {
+            "loss": loss,
+            **metrics,
+        }
+
+    return step
+
+
+def train(step, state, key, *, steps, chunk=100, evaluate=None):
+    \"\"\"Run steps pure steps in jitted lax.scan chunks; the per-step metrics, and
+    evaluate(state) after every chunk (with its step in "eval_step"), as arrays.\"\"\"
+    run_chunk = jax.jit(lambda state, keys: jax.lax.scan(step, state, keys))
+    history, done = {}, 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        key, sub = jax.random.split(key)
+        state, metrics = run_chunk(state, jax.random.split(sub, n))
+        for name, values in metrics.items():
+            history.setdefault(name, []).append(np.asarray(values))
+        done += n
+        if evaluate is not None:
+            history.setdefault("eval_step", []).append(np.asarray([done]))
+            for name, value in evaluate(state).items():
+                history.setdefault(name, []).append(np.asarray([value]))
+    return state, {name: np.concatenate(v) for name, v in history.items()}"""
 
 
 def sources() -> list[Path]:
@@ -60,6 +137,8 @@ def cells(source: str) -> list[tuple[str, str]]:
             found.append(("markdown", []))
         elif line.startswith(SETUP_MARK):
             found += [("code", [SETUP]), ("skip", [])]
+        elif line.startswith(HELPERS_MARK):
+            found += [("code", [HELPERS]), ("skip", [])]
         elif line.startswith(CODE):
             found.append(("code", []))
         elif found:
@@ -89,8 +168,8 @@ def notebook(path: Path) -> nbformat.NotebookNode:
     return nb
 
 
-def execute(nb: nbformat.NotebookNode, *, small: bool, timeout: int = 600):
-    """Run ``nb`` in a fresh kernel of this Python environment, in the notebooks folder.
+def execute(nb: nbformat.NotebookNode, *, small: bool, timeout: int = 600, cwd: Path = NOTEBOOKS):
+    """Run ``nb`` in a fresh kernel of this Python environment, in the folder ``cwd``.
 
     Raises ``nbclient.exceptions.CellExecutionError`` on the first failing cell. The kernel
     is ``python3`` of the running interpreter (jupyter_client starts ``sys.executable`` for
@@ -105,7 +184,7 @@ def execute(nb: nbformat.NotebookNode, *, small: bool, timeout: int = 600):
             nb,
             kernel_name="python3",
             timeout=timeout,
-            resources={"metadata": {"path": str(NOTEBOOKS)}},
+            resources={"metadata": {"path": str(cwd)}},
         )
         return client.execute()
     finally:

@@ -18,8 +18,6 @@
 # %% [setup]  (the shared first code cell: Colab install, SMALL flag)
 
 # %%
-import warnings
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -27,22 +25,24 @@ import numpy as np
 import optax
 
 import mtl_optax as mtl
-from benchmarks import common, imbalance, retrieval
+from mtl_optax import datasets
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 print("JAX", jax.__version__, "on", jax.devices())
+
+# %% [helpers]  (a plain-JAX MLP and training loop, shared with the other MNIST notebooks)
+
+# %%
 
 
 def fit_adam(objective, params, *, steps, seed=0, lr=1e-3):
     """Parameters after ``steps`` Adam steps on ``objective(params, key) -> (loss, {})``."""
     optimizer = optax.adam(lr)
-    step = common.make_step(objective, optimizer)
-    state, _ = common.train(
+    step = make_step(objective, optimizer)
+    state, _ = train(
         step,
-        common.init_state(params, optimizer),
+        TrainState(params, optimizer.init(params)),
         jax.random.PRNGKey(100 + seed),
         steps=steps,
-        progress=False,
     )
     return state.params
 
@@ -133,8 +133,8 @@ plt.show()
 
 # %%
 SEEN = 5
-x_train, y_train = common.mnist_split("train")
-x_test, y_test = common.mnist_split("test")
+x_train, y_train = datasets.mnist_split("train")
+x_test, y_test = datasets.mnist_split("test")
 seen = y_train < SEEN
 x_seen, y_seen = jnp.asarray(x_train[seen]), jnp.asarray(y_train[seen])
 unseen = y_test >= SEEN
@@ -154,22 +154,35 @@ def margin_loss(name, z, class_weights, bias, y):
     return mtl.metric_margin_loss(cos, y, metric="chord", scale=30.0, margin=0.5)
 
 
+def retrieval_metrics(embeddings, labels):
+    """Recall@1 and mAP with cosine similarity, every item querying all the others."""
+    z = np.asarray(embeddings, np.float64)
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    sims = z @ z.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)[:, :-1]  # drop the query itself (ranked last)
+    relevant = labels[order] == labels[:, None]
+    precision = np.cumsum(relevant, axis=1) / np.arange(1, relevant.shape[1] + 1)
+    ap = (precision * relevant).sum(1) / np.maximum(relevant.sum(1), 1)
+    return {"recall_at_1": float(relevant[:, 0].mean()), "map": float(ap.mean())}
+
+
 def train_embedding(name, *, steps=RETRIEVAL_STEPS, batch_size=128, seed=0):
     k_net, k_cls = jax.random.split(jax.random.PRNGKey(seed))
     params = {
-        "net": common.init_mlp(k_net, EMBEDDING),
+        "net": init_mlp(k_net, EMBEDDING),
         "classes": jax.random.normal(k_cls, (EMBEDDING[-1], SEEN)) / 8.0,
         "bias": jnp.zeros(SEEN),
     }
 
     def objective(params, key):
-        x, y = common.sample_batch(key, (x_seen, y_seen), batch_size)
-        z = common.mlp(params["net"], x)
+        x, y = sample_batch(key, (x_seen, y_seen), batch_size)
+        z = mlp(params["net"], x)
         return margin_loss(name, z, params["classes"], params["bias"], y).mean(), {}
 
     trained = fit_adam(objective, params, steps=steps, seed=seed)
-    embeddings = common.mlp(trained["net"], jnp.asarray(x_test[unseen]))
-    return retrieval.retrieval_metrics(np.asarray(embeddings), y_test[unseen])
+    embeddings = mlp(trained["net"], jnp.asarray(x_test[unseen]))
+    return retrieval_metrics(np.asarray(embeddings), y_test[unseen])
 
 
 retrieval_results = {
@@ -207,7 +220,7 @@ plt.show()
 # training (`mtl.posthoc_logit_adjustment`, `logits − τ log π`), with `τ = 1`.
 
 # %%
-keep = imbalance.long_tailed_indices(y_train)
+keep = datasets.long_tailed_indices(y_train)
 x_lt, y_lt = jnp.asarray(x_train[keep]), jnp.asarray(y_train[keep])
 counts = np.bincount(y_train[keep], minlength=10)
 priors = jnp.asarray(counts / counts.sum(), jnp.float32)
@@ -218,23 +231,23 @@ CLASSIFIER = (784, 64, 10) if SMALL else (784, 256, 256, 10)
 
 def train_long_tailed(adjusted, *, steps=LT_STEPS, batch_size=128, seed=0):
     def objective(params, key):
-        x, y = common.sample_batch(key, (x_lt, y_lt), batch_size)
-        logits = common.mlp(params, x)
+        x, y = sample_batch(key, (x_lt, y_lt), batch_size)
+        logits = mlp(params, x)
         if adjusted:
             return mtl.logit_adjusted_cross_entropy(logits, y, class_priors=priors).mean(), {}
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean(), {}
 
-    params = common.init_mlp(jax.random.PRNGKey(seed), CLASSIFIER)
-    return common.mlp(fit_adam(objective, params, steps=steps, seed=seed), jnp.asarray(x_test))
+    params = init_mlp(jax.random.PRNGKey(seed), CLASSIFIER)
+    return mlp(fit_adam(objective, params, steps=steps, seed=seed), jnp.asarray(x_test))
 
 
 ce_logits = train_long_tailed(adjusted=False)
 per_class = {
-    "cross-entropy": common.per_class_accuracy(ce_logits, y_test),
-    "CE + post-hoc adjustment": common.per_class_accuracy(
+    "cross-entropy": per_class_accuracy(ce_logits, y_test),
+    "CE + post-hoc adjustment": per_class_accuracy(
         mtl.posthoc_logit_adjustment(ce_logits, class_priors=priors), y_test
     ),
-    "logit-adjusted loss": common.per_class_accuracy(train_long_tailed(adjusted=True), y_test),
+    "logit-adjusted loss": per_class_accuracy(train_long_tailed(adjusted=True), y_test),
 }
 for name, acc in per_class.items():
     print(f"{name:>25}: balanced accuracy {acc.mean():.1%}, rarest three {acc[7:].mean():.1%}")

@@ -25,8 +25,6 @@
 # %% [setup]  (the shared first code cell: Colab install, SMALL flag)
 
 # %%
-import warnings
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -34,22 +32,23 @@ import numpy as np
 import optax
 
 import mtl_optax as mtl
-from benchmarks import common, noisy_labels
+from mtl_optax import datasets
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 print("JAX", jax.__version__, "on", jax.devices())
 
+# %% [helpers]  (a plain-JAX MLP and training loop, shared with the other MNIST notebooks)
 
+
+# %%
 def history_of(step, state, evaluate, *, steps):
     """Per-step metrics of ``step`` and ``evaluate(state)`` at 25 points of the run."""
-    _, history = common.train(
+    _, history = train(
         step,
         state,
         jax.random.PRNGKey(1),
         steps=steps,
         chunk=max(steps // 25, 1),
         evaluate=evaluate,
-        progress=False,
     )
     return history
 
@@ -65,12 +64,19 @@ def history_of(step, state, evaluate, *, steps):
 # %%
 NOISE = 0.6
 STEPS = 60 if SMALL else 1000
-data = noisy_labels.load_data(NOISE, seeds=1, max_noisy=1000 if SMALL else None)
-x_noisy, y_noisy = data.x_noisy, data.y_noisy[0]
-print(
-    f"{len(x_noisy)} noisy-label digits, {len(data.x_clean)} clean digits, "
-    f"{len(data.x_test)} test digits"
-)
+x_train, y_train = datasets.mnist_split("train")
+clean = np.zeros(len(y_train), bool)
+for c in range(10):
+    clean[np.flatnonzero(y_train == c)[:20]] = True  # the first 20 digits of each class
+keep = np.flatnonzero(~clean)
+if SMALL:  # a class-balanced subset (the split is ordered by class)
+    keep = np.sort(np.random.default_rng(0).permutation(keep)[:1000])
+noise_rng = np.random.default_rng([0, round(NOISE * 100)])
+x_noisy = jnp.asarray(x_train[keep])
+y_noisy = jnp.asarray(datasets.symmetric_label_noise(y_train[keep], NOISE, noise_rng))
+x_clean, y_clean = jnp.asarray(x_train[clean]), jnp.asarray(y_train[clean])
+x_test, y_test = (jnp.asarray(a) for a in datasets.mnist_split("test"))
+print(f"{len(x_noisy)} noisy-label digits, {len(x_clean)} clean digits, {len(x_test)} test digits")
 
 # %% [markdown]
 # The model is a plain-JAX MLP whose parameters are all shared by the two tasks. A
@@ -87,7 +93,7 @@ def task_losses(params, batches):
     """(2,) losses: cross-entropy on a noisy-label batch and on a clean batch."""
     return jnp.stack(
         [
-            optax.losses.softmax_cross_entropy_with_integer_labels(common.mlp(params, x), y).mean()
+            optax.losses.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
             for x, y in batches
         ]
     )
@@ -101,8 +107,8 @@ def train_noisy(method, *, steps=STEPS, batch_size=128, seed=0):
         params, opt_state = state
         k_noisy, k_clean = jax.random.split(key)
         batches = (
-            common.sample_batch(k_noisy, (x_noisy, y_noisy), batch_size),
-            common.sample_batch(k_clean, (data.x_clean, data.y_clean), batch_size),
+            sample_batch(k_noisy, (x_noisy, y_noisy), batch_size),
+            sample_batch(k_clean, (x_clean, y_clean), batch_size),
         )
         losses, task_grads = value_and_jac(params, batches)
         updates, opt_state = opt.update(task_grads, opt_state, params, task_losses=losses)
@@ -110,9 +116,9 @@ def train_noisy(method, *, steps=STEPS, batch_size=128, seed=0):
         return (params, opt_state), {"losses": losses, "weights": mtl.task_weights(opt_state)}
 
     def evaluate(state):
-        return {"test_acc": common.accuracy(common.mlp(state[0], data.x_test), data.y_test)}
+        return {"test_acc": accuracy(mlp(state[0], x_test), y_test)}
 
-    params = common.init_mlp(jax.random.PRNGKey(seed), SIZES)
+    params = init_mlp(jax.random.PRNGKey(seed), SIZES)
     return history_of(step, (params, opt.init(params)), evaluate, steps=steps)
 
 
@@ -123,6 +129,8 @@ METHODS = {
     "UPGrad": mtl.upgrad(),
     "primary/auxiliary": mtl.primary_auxiliary(primary=0),
 }
+if SMALL:  # the test suite's reduced size
+    METHODS = {name: METHODS[name] for name in ("summed", "primary/auxiliary")}
 histories = {name: train_noisy(method) for name, method in METHODS.items()}
 for name, h in histories.items():
     print(
@@ -183,10 +191,8 @@ plt.show()
 # Decay and the constraint apply to the weight matrices, not the biases.
 
 # %%
-x_train, y_train = common.mnist_split("train")
 subset = np.sort(np.random.default_rng(0).permutation(len(y_train))[:500])
 x_small, y_small = jnp.asarray(x_train[subset]), jnp.asarray(y_train[subset])
-x_test, y_test = data.x_test, data.y_test
 LR, DECAY_STEPS = 1e-3, (60 if SMALL else 1000)
 
 
@@ -204,22 +210,24 @@ OPTIMIZERS = {
         optax.scale_by_adam(), mtl.weight_decay_constraint(mask=kernels), optax.scale(-LR)
     ),
 }
+if SMALL:  # the test suite's reduced size
+    OPTIMIZERS = {name: OPTIMIZERS[name] for name in ("Adam (no decay)", "Adam + norm constraint")}
 
 
 def train_decay(optimizer, *, steps=DECAY_STEPS, batch_size=64, seed=0):
     def objective(params, key):
-        x, y = common.sample_batch(key, (x_small, y_small), batch_size)
-        logits = common.mlp(params, x)
+        x, y = sample_batch(key, (x_small, y_small), batch_size)
+        logits = mlp(params, x)
         loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         norm = jnp.sqrt(sum(jnp.sum(layer["w"] ** 2) for layer in params))
         return loss, {"weight_norm": norm}
 
     def evaluate(state):
-        return {"test_acc": common.accuracy(common.mlp(state.params, x_test), y_test)}
+        return {"test_acc": accuracy(mlp(state.params, x_test), y_test)}
 
-    params = common.init_mlp(jax.random.PRNGKey(seed), SIZES)
-    state = common.init_state(params, optimizer)
-    return history_of(common.make_step(objective, optimizer), state, evaluate, steps=steps)
+    params = init_mlp(jax.random.PRNGKey(seed), SIZES)
+    state = TrainState(params, optimizer.init(params))
+    return history_of(make_step(objective, optimizer), state, evaluate, steps=steps)
 
 
 decay_histories = {name: train_decay(opt) for name, opt in OPTIMIZERS.items()}

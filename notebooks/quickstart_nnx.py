@@ -33,7 +33,7 @@ from flax import nnx
 
 import mtl_optax as mtl
 import mtl_optax.flax_nnx as mtl_nnx
-from benchmarks.data import mnist_splits, multi_mnist
+from mtl_optax.datasets import mnist_splits, multi_mnist
 
 print("JAX", jax.__version__, "on", jax.devices())
 

@@ -6,6 +6,7 @@ tagged ``python`` (or ``py``) is executed; a block may stay unexecuted only with
 tag saying it is not Python: ``console`` (shell commands, written with a ``$`` prompt) or
 ``text`` (output, file trees, formulas). Any other tag, or none, fails here. MyST
 directives (```` ```{toctree} ````, ```` ```{eval-rst} ````, ...) are not code blocks.
+The pages of ``EXECUTED_ELSEWHERE`` are executed by the test named there, not here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,20 @@ SHOWN = {"console", "text"}  # the visible opt-outs: shell commands and output
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`\n]*)$")
 
 
+# Pages whose blocks another test executes, in the setting they are written for (each is
+# run once in the suite, not twice): page -> that test.
+EXECUTED_ELSEWHERE = {
+    "docs/scaling.md": "tests/multidevice/test_scaling_docs.py",  # on 4 simulated devices
+}
+
+
 def pages() -> list[Path]:
     docs = sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)
-    return [ROOT / "README.md", *docs]
+    return [
+        p
+        for p in [ROOT / "README.md", *docs]
+        if p.relative_to(ROOT).as_posix() not in EXECUTED_ELSEWHERE
+    ]
 
 
 def fenced_blocks(text: str) -> list[tuple[int, str, str]]:
@@ -82,6 +94,13 @@ PAGES = pages()
 def test_pages_are_found():
     names = {p.relative_to(ROOT).as_posix() for p in PAGES}
     assert {"README.md", "docs/index.md", "docs/flax.md"} <= names
+
+
+@pytest.mark.parametrize("page", sorted(EXECUTED_ELSEWHERE))
+def test_pages_executed_elsewhere_are(page):
+    test = (ROOT / EXECUTED_ELSEWHERE[page]).read_text()
+    assert Path(page).name in test and "exec(" in test, f"{page}: no test executes its blocks"
+    assert code_blocks(ROOT / page)[0], f"{page} has no Python block"
 
 
 @pytest.mark.parametrize("path", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])

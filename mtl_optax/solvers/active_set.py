@@ -245,8 +245,10 @@ def min_norm_weights(
 
     Example::
 
-        x = min_norm_weights(jnp.array([[4.0, -1.0], [-1.0, 1.0]]), jnp.array([True, True]))
+        gram, primary = jnp.array([[4.0, -1.0], [-1.0, 1.0]]), jnp.array([True, True])
+        x = jax.jit(mtl.min_norm_weights)(gram, primary)
         # x == [0.2857, 0.7143]: the min-norm point of the hull of two gradients
+        np.testing.assert_allclose(x, [2 / 7, 5 / 7], rtol=1e-5)
     """
     k = check_gram(gram)
     _check_vector("primary", primary, k, kind="bool")
@@ -428,8 +430,10 @@ def lower_bounded_qp(
 
     Example::
 
-        v = lower_bounded_qp(jnp.array([[1.0, -0.5], [-0.5, 1.0]]), jnp.array([1.0, 0.0]))
+        gram, lower = jnp.array([[1.0, -0.5], [-0.5, 1.0]]), jnp.array([1.0, 0.0])
+        v = jax.jit(mtl.lower_bounded_qp)(gram, lower)
         # v == [1.0, 0.5]: g_1 plus just enough g_2 to stop conflicting with it
+        np.testing.assert_allclose(v, [1.0, 0.5], rtol=1e-5)
     """
     k = check_gram(gram)
     _check_vector("lower", lower, k, kind="float")

@@ -98,8 +98,9 @@ def cagrad(
 
         w = mtl.cagrad(c=0.5, rescale=0)
         jac = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
-        weights, _ = w.update(jac @ jac.T, None, w.init(2))
+        weights, _ = jax.jit(w.update)(jac @ jac.T, None, w.init(2))
         # weights @ jac ≈ [0.1835, 1.2041, 1.2041]
+        np.testing.assert_allclose(weights @ jac, [0.1835, 1.2041, 1.2041], atol=1e-3)
     """
     c = solvers.check_nonnegative("c", c)
     norm_eps = solvers.check_nonnegative("norm_eps", norm_eps)

@@ -183,6 +183,7 @@ def prior_loss_weighting(prior) -> Weighting:
 
     Example::
 
+        labels, y = jnp.array([0, 3, 3, 7, 9]), jnp.array([0.5, 1.5, 2.0, 0.0, 1.0])
         prior = [mtl.cross_entropy_prior_loss(labels, 10), mtl.squared_error_prior_loss(y)]
         w = mtl.prior_loss_weighting(prior)
     """

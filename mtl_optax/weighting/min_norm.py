@@ -102,7 +102,7 @@ def mgda(
     Example::
 
         w = mtl.mgda()
-        weights, state = w.update(gram, None, w.init(gram.shape[0]))
+        weights, state = jax.jit(w.update)(gram, None, w.init(gram.shape[0]))
     """
     if normalization not in _NORMALIZATIONS:
         raise ValueError(
@@ -175,7 +175,7 @@ def primary_auxiliary(
     Example::
 
         w = mtl.primary_auxiliary(primary=0)       # task 0 primary, tasks 1.. auxiliary
-        weights, state = w.update(gram, None, w.init(3))   # weights[0] == 1
+        weights, state = jax.jit(w.update)(gram, None, w.init(3))   # weights[0] == 1
     """
 
     def index(i):  # an integer (int, np.int64, a concrete 0-d int array), never a bool

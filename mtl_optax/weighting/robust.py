@@ -31,7 +31,8 @@ def krum(*, n_byzantine: int, n_selected: int = 1) -> Weighting:
     Example::
 
         w = mtl.krum(n_byzantine=1, n_selected=2)
-        weights, state = w.update(gram, None, w.init(5))
+        jac5 = jax.random.normal(jax.random.PRNGKey(0), (5, 4))    # 5 task gradients
+        weights, state = w.update(jac5 @ jac5.T, None, w.init(5))
     """
     n_byzantine = check_int("n_byzantine", n_byzantine, low=0)
     n_selected = check_int("n_selected", n_selected, low=1)

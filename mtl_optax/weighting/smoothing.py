@@ -121,7 +121,7 @@ def cr_mogm(
 
         w = mtl.cr_mogm(mtl.upgrad(), alpha=0.9)
         state = w.init(3)
-        weights, state = w.update(gram, None, state)   # = upgrad's weights at the first call
+        weights, state = jax.jit(w.update)(gram, None, state)   # = upgrad's at the first call
     """
     if not isinstance(weighting, Weighting):
         raise TypeError(

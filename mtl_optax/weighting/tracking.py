@@ -54,6 +54,9 @@ def moco_weights(*, gamma: float = 0.1, gamma_sigma: float = 0.5, rho: float = 0
 
     Example::
 
+        from mtl_optax.weighting.tracking import moco_weights
+
+        tracked = jac                                   # MoCo's tracked gradients, (K, n)
         w = moco_weights()
         weights, state = w.update(tracked @ tracked.T, None, w.init(3))
     """

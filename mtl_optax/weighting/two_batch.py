@@ -147,6 +147,7 @@ def sdmgrad(
 
     Example::
 
+        a = jac @ (jac + 0.1).T                         # J₁ J₂ᵀ of two mini-batches
         w = mtl.sdmgrad()
         weights, state = w.update(gram, None, w.init(K), cross_gram=a)
     """
@@ -201,6 +202,7 @@ def modo(*, gamma: float = 0.1, rho: float = 0.1, single_batch: bool = False) ->
 
     Example::
 
+        a = jac @ (jac + 0.1).T                         # J₁ J₂ᵀ of two mini-batches
         w = mtl.modo()
         weights, state = w.update(gram, None, w.init(K), cross_gram=a)
     """
