@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import mtl_optax as mtl
 from benchmarks import common
 from benchmarks import leaderboard_problems as problems
 from benchmarks.leaderboard_summary import delta_m, lr_scores, mean_ranks, paired_comparison
@@ -66,9 +67,9 @@ PROBLEMS: dict[str, Callable[..., problems.Problem]] = {
 }
 PAIRS = dict(train_pairs=10_000, val_pairs=2_000, test_pairs=3_000)
 DEFAULT = {
-    "yeast": Budget(steps=1_000, batch_size=64, sizes={}),
-    "multimnist-lenet": Budget(steps=400, batch_size=64, sizes=PAIRS),
-    "scale-disparity": Budget(steps=400, batch_size=128, sizes=PAIRS),
+    "yeast": Budget(steps=600, batch_size=64, sizes={}),
+    "multimnist-lenet": Budget(steps=300, batch_size=32, sizes=PAIRS),
+    "scale-disparity": Budget(steps=300, batch_size=128, sizes=PAIRS),
 }
 """Sized so that the default run fits in 30 minutes on 2 CPU cores (see the results file
 for the measured time)."""
@@ -98,14 +99,22 @@ SMOKE = {
 
 # --------------------------------------------------------------------------- methods
 class Method(NamedTuple):
-    """How a method runs: ``make_step(problem, optimizer, key)`` returns the pure
-    ``step(state, batch_key) -> (state, metrics)`` and ``init(params) -> state``; ``key``
-    feeds the method's own randomness (one per seed)."""
+    """A method of the library and how it runs.
+
+    ``build(problem, key)`` returns the method object (a ``Weighting`` or a stacked
+    aggregator; ``key`` feeds its own randomness, one per seed). ``tier``: ``"1"`` (a
+    weighting of the losses, :func:`mtl_optax.split_value_and_grad`), ``"2"`` (the same with
+    the Gram of the feature gradients), ``"3"`` (per-task encoder gradients,
+    :func:`mtl_optax.split_value_and_jacobian` + :func:`mtl_optax.aggregate`).
+    ``balanced=False``: one task is the goal (shown apart, not ranked). ``min_tasks``: the
+    fewest tasks the method is defined for (it is skipped on smaller problems).
+    """
 
     family: str
     tier: str
-    make_step: Callable[..., tuple[Callable, Callable]]
-    balanced: bool = True  # False: one task is the goal (kept out of the balanced ranking)
+    build: Callable[[problems.Problem, jax.Array], Any]
+    balanced: bool = True
+    min_tasks: int = 2
 
 
 def sample(problem: problems.Problem, key: jax.Array, batch_size: int):
@@ -116,11 +125,50 @@ def _metrics(losses: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
     return {"loss": jnp.sum(losses), "losses": losses, "weights": weights}
 
 
+def heads_of(problem: problems.Problem):
+    """The heads in one of the library's safe forms: the per-task sequence, or the stacked
+    head vmapped over ``params["heads"]``."""
+    if problem.heads is not None:
+        return problem.heads
+    return mtl.stacked_heads(problem.stacked_head, head_params=lambda params: params["heads"])
+
+
+def make_step(method: Method, problem: problems.Problem, optimizer, key, batch_size: int):
+    """Pure ``step(state, batch_key) -> (state, metrics)`` and ``init(params) -> state`` of a
+    library method; ``batch_key`` draws the minibatch (the same keys for every method)."""
+    built = method.build(problem, key)
+    if method.tier in ("1", "2"):
+        grad_fn = mtl.split_value_and_grad(problem.encoder, heads_of(problem), built)
+
+        def step(state, batch_key):
+            params, opt_state, method_state = state
+            batch = sample(problem, batch_key, batch_size)
+            losses, grads, method_state = grad_fn(params, batch, method_state)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            state = (optax.apply_updates(params, updates), opt_state, method_state)
+            return state, _metrics(losses, mtl.task_weights(method_state))
+
+        return step, lambda params: (params, optimizer.init(params), grad_fn.init(params))
+
+    jacobian_fn = mtl.split_value_and_jacobian(problem.encoder, heads_of(problem))
+    chain = optax.chain(mtl.aggregate(built, tasks=problem.num_tasks), optimizer)
+
+    def step(state, batch_key):
+        params, opt_state = state
+        losses, task_grads = jacobian_fn(params, sample(problem, batch_key, batch_size))
+        updates, opt_state = chain.update(task_grads, opt_state, params, task_losses=losses)
+        state = (optax.apply_updates(params, updates), opt_state)
+        return state, _metrics(losses, mtl.task_weights(opt_state))
+
+    return step, lambda params: (params, chain.init(params))
+
+
 def fixed_weights_step(problem, optimizer, weights: jax.Array, batch_size: int):
     """Plain autodiff of ``Σ_k c_k L_k`` with fixed weights ``c`` (no library code).
 
-    ``c = 1/K`` is equal weighting; a one-hot ``c`` trains the single-task model of its task
-    (the other heads get zero gradients, so Adam leaves them untouched).
+    A one-hot ``c`` trains the single-task model of its task (the other heads get zero
+    gradients, so Adam leaves them untouched); ``c = 1/K`` is equal weighting (the tests
+    check that the library's equal weighting trains exactly like it).
     """
 
     def step(state, key):
@@ -134,14 +182,74 @@ def fixed_weights_step(problem, optimizer, weights: jax.Array, batch_size: int):
     return step, lambda params: (params, optimizer.init(params))
 
 
-def equal_weights_plain(problem, optimizer, key, batch_size):
-    k = problem.num_tasks
-    return fixed_weights_step(problem, optimizer, jnp.full((k,), 1.0 / k), batch_size)
+def _plain(constructor: Callable[[], Any]) -> Callable[[problems.Problem, jax.Array], Any]:
+    return lambda problem, key: constructor()
 
 
+def _keyed(constructor: Callable[..., Any]) -> Callable[[problems.Problem, jax.Array], Any]:
+    return lambda problem, key: constructor(key=key)
+
+
+LOSS, LEARNED, GRADIENT, STACKED = (
+    "loss weighting",
+    "learned loss weighting",
+    "gradient weighting",
+    "stacked aggregator",
+)
 METHODS: dict[str, Method] = {
-    "equal weights": Method("baseline", "1", equal_weights_plain),
+    "equal weights": Method("baseline", "1", _plain(mtl.mean_weighting)),
+    # weightings of the losses alone (tier 1)
+    "geometric mean": Method(LOSS, "1", _plain(mtl.geometric_mean)),
+    "generalized mean (γ=2)": Method(LOSS, "1", _plain(lambda: mtl.generalized_mean(gamma=2.0))),
+    "real-time weighting": Method(LOSS, "1", _plain(mtl.real_time_weighting)),
+    "initial-loss weighting": Method(LOSS, "1", _plain(mtl.initial_loss_weighting)),
+    "prior-loss weighting": Method(
+        LOSS, "1", lambda problem, key: mtl.prior_loss_weighting(problem.prior_losses)
+    ),
+    "DWA": Method(LOSS, "1", _plain(mtl.dwa)),
+    "STCH": Method(LOSS, "1", _plain(mtl.stch)),
+    "random weighting (RLW)": Method(LOSS, "1", _keyed(mtl.random_weighting)),
+    "COSMOS": Method(LOSS, "1", _plain(mtl.cosmos)),
+    "PBI": Method(LOSS, "1", _plain(mtl.pbi)),
+    "uncertainty weighting": Method(LEARNED, "1", _plain(mtl.uncertainty_weighting)),
+    "IMTL-L": Method(LEARNED, "1", _plain(mtl.imtl_l)),
+    "FAMO": Method(LEARNED, "1", _plain(mtl.famo)),
+    # weightings of the Gram matrix of the task gradients
+    "MGDA (tier 2)": Method(GRADIENT, "2", _plain(mtl.mgda)),
+    "MGDA": Method(GRADIENT, "3", _plain(mtl.mgda)),
+    "gradient-normalized": Method(GRADIENT, "3", _plain(mtl.gradient_normalized)),
+    "GradNorm": Method(GRADIENT, "3", _plain(mtl.gradnorm)),
+    "UPGrad": Method(GRADIENT, "3", _plain(mtl.upgrad)),
+    "DualProj": Method(GRADIENT, "3", _plain(mtl.dualproj)),
+    "CAGrad": Method(GRADIENT, "3", _plain(mtl.cagrad)),
+    "Nash-MTL": Method(GRADIENT, "3", _plain(mtl.nash_mtl)),
+    "FairGrad": Method(GRADIENT, "3", _plain(mtl.fairgrad)),
+    "PCGrad": Method(GRADIENT, "3", _keyed(mtl.pcgrad)),
+    "GradVac": Method(GRADIENT, "3", _keyed(mtl.gradvac)),
+    "IMTL-G": Method(GRADIENT, "3", _plain(mtl.imtl_g)),
+    "Aligned-MTL": Method(GRADIENT, "3", _plain(mtl.aligned_mtl)),
+    "ConFIG": Method(GRADIENT, "3", _plain(mtl.config)),
+    "SDMGrad (one batch)": Method(GRADIENT, "3", _plain(mtl.sdmgrad)),
+    "MoDo (one batch)": Method(GRADIENT, "3", _plain(mtl.modo)),
+    "CR-MOGM (MGDA)": Method(GRADIENT, "3", _plain(lambda: mtl.cr_mogm(mtl.mgda()))),
+    "Krum (f=1)": Method(GRADIENT, "3", _plain(lambda: mtl.krum(n_byzantine=1)), min_tasks=4),
+    # aggregators of the stacked per-task gradients (tier 3, through aggregate)
+    "trimmed mean (1)": Method(STACKED, "3", _plain(lambda: mtl.trimmed_mean(trim=1)), min_tasks=3),
+    "GradDrop": Method(STACKED, "3", _keyed(mtl.graddrop)),
+    "DB-MTL": Method(STACKED, "3", _plain(mtl.db_mtl)),
+    "ExcessMTL": Method(STACKED, "3", _plain(mtl.excess_mtl)),
+    "MoCo": Method(STACKED, "3", _plain(mtl.moco)),
+    # one task is the goal, the others only help
+    "primary/auxiliary (task 1 primary)": Method(
+        "primary/auxiliary", "3", _plain(lambda: mtl.primary_auxiliary(primary=0)), balanced=False
+    ),
 }
+"""Every method of the library at its documented defaults; where a method requires a
+choice, the one in its name (γ = 2; Krum tolerates f = 1 adversarial task, so it needs
+K ≥ 4; the trimmed mean drops one value at each end, so it needs K ≥ 3). MGDA runs at
+tiers 2 and 3; SDMGrad and MoDo run their one-batch variant (no second minibatch for the
+cross Gram); CR-MOGM smooths MGDA's weights. Left out: ``sum_weighting`` and
+``constant_weighting`` (equal weighting up to a constant factor, which Adam removes)."""
 SINGLE_TASK = "single-task"
 EQUAL = "equal weights"
 
@@ -181,7 +289,7 @@ def train_method(
     optimizer = optax.adam(lr)
     clock, cpu = common.Stopwatch(), time.process_time()
     keys = [jax.random.fold_in(jax.random.PRNGKey(s), 2) for s in seeds]
-    built = [method.make_step(problem, optimizer, key, budget.batch_size) for key in keys]
+    built = [make_step(method, problem, optimizer, key, budget.batch_size) for key in keys]
     step = built[0][0]  # every seed's step is the same code; the method's key is in its state
     params = seed_params(problem, seeds)
     states = [
@@ -315,6 +423,8 @@ def run_problem(
     test[SINGLE_TASK] = evaluate_run(problem, single.params, problem.test, single_task=True)
     seconds[SINGLE_TASK] = (single.wall, single.cpu)
     for method in methods:
+        if METHODS[method].min_tasks > problem.num_tasks:
+            continue
         run = runs.get(lr) if method == EQUAL else None  # reuse the selection's run
         if run is None:
             run = train_method(

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import mtl_optax as mtl
 from benchmarks import common, multimnist
 from benchmarks import scale_disparity as scale_disparity_benchmark
 from benchmarks.data import load_yeast, mnist_splits, multi_mnist, yeast_splits
@@ -71,6 +72,7 @@ class Problem(NamedTuple):
     a list of K per-task outputs and ``score(outputs, y)`` the metrics (a flat dict of
     floats). ``metrics`` are the K per-task metrics of Δm (one per task, in task order);
     ``columns`` are the summary columns of the table (key -> header, scale, digits).
+    ``prior_losses`` are what :func:`mtl_optax.prior_loss_weighting` divides by.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Problem(NamedTuple):
     score: Callable[[Sequence[jax.Array], jax.Array], dict[str, float]]
     metrics: tuple[Metric, ...]
     columns: dict[str, tuple[str, float, int]]
+    prior_losses: tuple[float, ...]  # each task's loss of the best constant predictor (train)
 
     @property
     def num_tasks(self) -> int:
@@ -190,6 +193,7 @@ def yeast() -> Problem:
             "macro_f1": ("macro-F1 (%)", 100, 2),
             "hamming": ("Hamming loss (%)", 100, 2),
         },
+        prior_losses=tuple(mtl.cross_entropy_prior_loss(c, 2) for c in y[splits.train].T),
     )
 
 
@@ -321,6 +325,7 @@ def multimnist_lenet(*, train_pairs: int, val_pairs: int, test_pairs: int) -> Pr
         score=score,
         metrics=tuple(Metric(f"acc/{name}", True) for name in DIGITS),
         columns={f"acc/{name}": (f"{name} acc. (%)", 100, 2) for name in DIGITS},
+        prior_losses=tuple(mtl.cross_entropy_prior_loss(c, 10) for c in sets[0][1].T),
     )
 
 
@@ -401,4 +406,9 @@ def scale_disparity(
             "acc/right": ("right acc. (%)", 100, 2),
             "rmse_sum": ("sum RMSE (digits)", 1, 3),
         },
+        prior_losses=(
+            mtl.cross_entropy_prior_loss(sets[0][1][:, 0], 10),
+            mtl.cross_entropy_prior_loss(sets[0][1][:, 1], 10),
+            scale * mtl.squared_error_prior_loss(sets[0][1].sum(1)),
+        ),
     )

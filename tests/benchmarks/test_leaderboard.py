@@ -139,11 +139,12 @@ def test_single_task_models_are_scored_task_by_task():
 def test_smoke_run_trains(name, tmp_path):
     out = lb.main(
         ["--smoke", "--no-progress", "--seeds", "2", "--lr", "3e-3", "--problems", name,
-         "--out", str(tmp_path)]
+         "--methods", lb.EQUAL, "MGDA", "--out", str(tmp_path)]
     )  # fmt: skip
     (result,) = out["results"]
     problem = result.problem
-    assert set(result.test) == {lb.SINGLE_TASK, lb.EQUAL}
+    assert set(result.test) == {lb.SINGLE_TASK, lb.EQUAL, "MGDA"}
+    assert result.histories["MGDA"]["weights"].shape == (lb.SMOKE[name].steps, 2, problem.num_tasks)
     history = result.histories[lb.EQUAL]
     steps = lb.SMOKE[name].steps
     assert history["losses"].shape == (steps, 2, problem.num_tasks)
@@ -157,3 +158,19 @@ def test_smoke_run_trains(name, tmp_path):
     np.testing.assert_allclose(np.mean(result.delta[lb.SINGLE_TASK]), 0.0, atol=1e-9)
     assert (tmp_path / "leaderboard.md").exists()
     assert (tmp_path / "leaderboard_delta_m.png").exists()
+
+
+def test_library_equal_weighting_trains_like_plain_autodiff():
+    """Tier-1 equal weighting through the library = autodiff of the mean loss (oracle)."""
+    import optax
+
+    problem = lb.PROBLEMS["yeast"]()
+    k, optimizer = problem.num_tasks, optax.adam(1e-2)
+    library, init_library = lb.make_step(lb.METHODS[lb.EQUAL], problem, optimizer, None, 16)
+    plain, init_plain = lb.fixed_weights_step(problem, optimizer, jnp.full((k,), 1.0 / k), 16)
+    run = lambda step, state: jax.lax.scan(step, state, jax.random.split(jax.random.PRNGKey(3), 5))
+    params = problem.init_params(0)
+    (got, *_), metrics = jax.jit(run, static_argnums=0)(library, init_library(params))
+    (want, _), _ = jax.jit(run, static_argnums=0)(plain, init_plain(params))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
+    np.testing.assert_allclose(metrics["weights"], np.full((5, k), 1.0 / k), rtol=1e-6)
