@@ -25,8 +25,8 @@ mean rank over problems, and for each method whether its Δm differs from equal 
 (and from the single-task models') beyond the seed-to-seed noise: a two-sided paired t-test
 over seeds at 5 % (:func:`benchmarks.leaderboard_summary.paired_comparison`).
 
-    python -m benchmarks.leaderboard            # default: under 30 min on 2 CPU cores
-    python -m benchmarks.leaderboard --full     # longer training (see FULL)
+    python -m benchmarks.leaderboard            # default (see DEFAULT for its run time)
+    python -m benchmarks.leaderboard --full     # longer training (see FULL: hours)
     python -m benchmarks.leaderboard --smoke    # seconds (tests)
 """
 
@@ -71,8 +71,10 @@ DEFAULT = {
     "multimnist-lenet": Budget(steps=300, batch_size=32, sizes=PAIRS),
     "scale-disparity": Budget(steps=300, batch_size=128, sizes=PAIRS),
 }
-"""Sized so that the default run fits in 30 minutes on 2 CPU cores (see the results file
-for the measured time)."""
+"""Default budgets. Measured (results file, *Run time*): about 0.8 h of CPU time for all
+three problems, three quarters of it compiling one training program per method and
+problem, so fewer steps would save little; on 2 idle cores that is more than the 30
+minutes aimed at. ``--problems`` and ``--methods`` run a part."""
 FULL = {
     "yeast": Budget(steps=3_000, batch_size=64, sizes={}),
     "multimnist-lenet": Budget(
@@ -86,6 +88,8 @@ FULL = {
         sizes=dict(train_pairs=20_000, val_pairs=2_000, test_pairs=5_000),
     ),
 }
+"""Longer training. Estimated from the default run's per-step times (results file, *Run
+time*): about 17 hours of CPU time, 15 of them on MultiMNIST-LeNet."""
 SMOKE = {
     "yeast": Budget(steps=60, batch_size=32, sizes={}),
     "multimnist-lenet": Budget(
@@ -229,8 +233,8 @@ METHODS: dict[str, Method] = {
     "IMTL-G": Method(GRADIENT, "3", _plain(mtl.imtl_g)),
     "Aligned-MTL": Method(GRADIENT, "3", _plain(mtl.aligned_mtl)),
     "ConFIG": Method(GRADIENT, "3", _plain(mtl.config)),
-    "SDMGrad (one batch)": Method(GRADIENT, "3", _plain(mtl.sdmgrad)),
-    "MoDo (one batch)": Method(GRADIENT, "3", _plain(mtl.modo)),
+    "SDMGrad (one batch)": Method(GRADIENT, "3", _plain(lambda: mtl.sdmgrad(single_batch=True))),
+    "MoDo (one batch)": Method(GRADIENT, "3", _plain(lambda: mtl.modo(single_batch=True))),
     "CR-MOGM (MGDA)": Method(GRADIENT, "3", _plain(lambda: mtl.cr_mogm(mtl.mgda()))),
     "Krum (f=1)": Method(GRADIENT, "3", _plain(lambda: mtl.krum(n_byzantine=1)), min_tasks=4),
     # aggregators of the stacked per-task gradients (tier 3, through aggregate)
@@ -544,13 +548,19 @@ def _rows(results: Sequence[ProblemResult]) -> int:
 
 def plot_weights(result: ProblemResult, methods: Sequence[str]):
     """Each method's task weights over training (seed 0, normalised to sum 1)."""
+    import matplotlib
+
     shown = [m for m in methods if m in result.histories]
     fig, axes = common.figure(len(shown), width=4.0, height=3.2)
+    colors = matplotlib.colormaps["tab20"].colors[: result.problem.num_tasks]  # one per task
     for ax, method in zip(axes, shown):
         w = np.abs(result.histories[method]["weights"][:, 0])  # (steps, K)
         share = w / np.maximum(w.sum(-1, keepdims=True), 1e-30)
-        ax.plot(share, lw=0.8)
+        ax.set_prop_cycle(color=colors)
+        lines = ax.plot(share, lw=0.8)
         ax.set(title=method, xlabel="step", ylabel="weight share")
+    if shown:
+        axes[len(shown) - 1].legend(lines, result.problem.tasks, fontsize=6, ncol=2)
     fig.suptitle(f"{result.problem.name}: task weights over training (one line per task)")
     fig.tight_layout()
     return fig
@@ -631,7 +641,8 @@ def report(results: Sequence[ProblemResult], args, budgets, timing: dict, findin
         "# Multi-task leaderboard: every method against single-task models",
         f"{args.seeds} seeds; {config}. Wall time {timing['wall']:.0f} s, CPU time "
         f"{timing['cpu']:.0f} s (all threads), {os.cpu_count()} CPU cores, load average "
-        f"(1 min) before / after {load} (JAX {jax.__version__}, {jax.default_backend()}).",
+        f"(1 min) before / after {load} (JAX {jax.__version__}, {jax.default_backend()})."
+        + (f" {timing['note']}" if timing.get("note") else ""),
         "Δm % (Maninis et al., 2019) is the mean over tasks of the relative difference to "
         "the single-task models, signed so that **negative is better** (the Nash-MTL / FAMO "
         "convention); mean ± std over seeds. *vs equal weights* / *vs single-task*: a "
