@@ -111,9 +111,10 @@ EXCLUDED = {
     ),
     ("config", "rank"): ({"conflict"}, "dependent unit gradients: pinv conflicts in float64 too"),
     ("mgda_frank_wolfe", ""): (
-        {"agree"},
-        "Frank-Wolfe is approximate (stops at |Δα|₁ < 1e-6 or 250 iterations, sublinear on a "
-        "face): float32 and float64 stop at different iterates; mgda() is the exact solver",
+        {"agree", "linear", "equivariant"},
+        "Frank-Wolfe is approximate (stops at a |Δα|₁ tolerance or an iteration cap, sublinear "
+        "on a face): float32 and float64, J and cJ, or permuted tasks stop at different "
+        "iterates (up to 1e-2 apart at a 1e6 norm spread); mgda() is the exact solver",
     ),
     # absolute thresholds (clipping at max_norm, a step size): the tiers hand over the true
     # Gram, homogeneity=None
@@ -306,13 +307,13 @@ def test_float32_matches_float64_and_keeps_its_properties(name):
             for c in SCALES:
                 scaled = update32(runner.weights32((c * jacs).astype(np.float32)), c * jacs)
                 err = error(scaled / c, u32, w32, jacs)
-                bad = well_posed & ~(err <= 1e-4)
+                bad = well_posed & checked(name, names, "linear") & ~(err <= 1e-4)
                 assert not bad.any(), f"K={k}, c={c}: {dict(zip(names[bad], err[bad]))}"
         if claims[EQUIVARIANT]:
             perm = np.roll(np.arange(k), 1)
             w_perm = runner.weights32(jacs[:, perm], perm)
             err = error(update32(w_perm, jacs[:, perm]), u32, w32, jacs)
-            bad = well_posed & ~(err <= 1e-4)
+            bad = well_posed & checked(name, names, "equivariant") & ~(err <= 1e-4)
             assert not bad.any(), f"K={k}, permuted: {dict(zip(names[bad], err[bad]))}"
 
 
