@@ -277,7 +277,22 @@ def conflicts(jacs, u, weights):
     return np.min(np.einsum("bkd,bd->bk", g, u) + tol, axis=1)
 
 
-@pytest.mark.parametrize("name", list(zoo.WEIGHTINGS))
+# Known gaps, open: each fails today and must start passing (strict) when fixed.
+KNOWN_FAILURES = {
+    "cagrad": "K = 2, norm spread 1e4: the float32 update is far from float64's",
+    "modo": "K = 2: non-finite weights on one adversarial family",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
+        if n in KNOWN_FAILURES
+        else n
+        for n in zoo.WEIGHTINGS
+    ],
+)
 def test_float32_matches_float64_and_keeps_its_properties(name):
     claims = PROPERTIES[name]
     rng = np.random.default_rng(0)
