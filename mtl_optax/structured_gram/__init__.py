@@ -147,8 +147,13 @@ def value_and_gram(
 
     Example::
 
-        losses, gram = mtl.value_and_gram(per_example_loss)(params, (x, y))
-        weights, state = mtl.upgrad().update(gram, losses, state)
+        def per_example_loss(params, batch):  # (16,) losses, no reduction
+            z = encoder(params, batch)
+            return jnp.sum((z @ params["heads"].T - batch["y"]) ** 2, axis=1)
+
+        losses, gram = mtl.value_and_gram(per_example_loss)(params, batch)  # (16,), (16, 16)
+        upgrad = mtl.upgrad()
+        weights, _ = upgrad.update(gram, losses, upgrad.init(16))
     """
     full = value_gram_and_combine(
         fn, batch_dim=batch_dim, has_aux=has_aux, strategy=strategy, chunk_size=chunk_size

@@ -72,7 +72,12 @@ def instance_wise_value_and_grad(
 
     Example::
 
-        grad_fn = mtl.instance_wise_value_and_grad(per_example_loss, mtl.upgrad(), batch_size=64)
+        def per_example_loss(params, batch):  # (16,) losses, no reduction
+            z = encoder(params, batch)
+            return jnp.sum((z @ params["heads"].T - batch["y"]) ** 2, axis=1)
+
+        grad_fn = mtl.instance_wise_value_and_grad(per_example_loss, mtl.upgrad(), batch_size=16)
+        tx = optax.adam(1e-3)
         state, opt_state = grad_fn.init(params), tx.init(params)
 
         @jax.jit
@@ -80,6 +85,8 @@ def instance_wise_value_and_grad(
             losses, grads, state = grad_fn(params, batch, state)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, state
+
+        params, opt_state, state = train_step(params, opt_state, state, batch)
     """
     weighting = check_weighting_method(
         method, "instance_wise_value_and_grad", "jax.vmap(jax.grad) per-example gradients"
