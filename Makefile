@@ -15,7 +15,7 @@ demo: $(VENV)/.installed          ## main job: MultiMNIST, several multi-task me
 	$(PY) -m benchmarks.multimnist
 
 test: $(VENV)/.installed          ## the test suite
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=25
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check mtl_optax benchmarks tests
