@@ -115,9 +115,9 @@ def test_through_aggregate_at_extreme_scales():
     jac = jacobian(3, spread=1e4).astype(np.float32)
     tx = mtl.aggregate(mtl.upgrad(), tasks=K, shared=True)
     update = jax.jit(tx.update)
-    base, _ = update(jnp.asarray(jac), tx.init(None))
+    base, _ = update(mtl.TaskGradients(jnp.asarray(jac)), tx.init(None))
     for c in (1e-30, 1e30):
-        scaled, _ = update(jnp.asarray(jac * np.float32(c)), tx.init(None))
+        scaled, _ = update(mtl.TaskGradients(jnp.asarray(jac * np.float32(c))), tx.init(None))
         np.testing.assert_allclose(
             np.asarray(scaled) / c, base, rtol=1e-4, atol=1e-6 * abs(base).max()
         )
