@@ -47,10 +47,18 @@ def run(step, carry, batches):
     return carry
 
 
+def _plain_key(x):
+    """A typed PRNG key (nnx's RNG streams) as its integer data; anything else unchanged."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(x)
+    return x
+
+
 def assert_identical(actual, expected):
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
-        a, e = np.asarray(a), np.asarray(e)
+        a, e = (np.asarray(_plain_key(x)) for x in (a, e))
         assert a.dtype == e.dtype and a.shape == e.shape
         np.testing.assert_array_equal(a, e)
 
