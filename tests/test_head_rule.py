@@ -156,7 +156,10 @@ def test_every_path_obeys_the_head_rule(name):
     batch = models.make_batch(jax.random.PRNGKey(1))
     results, named_weights = plain_paths(weighting, params, batch)
     assert list(named_weights) == list(models.NAMES)  # task names come back with the weights
-    np.testing.assert_array_equal(list(named_weights.values()), results["split tier 3"][0])
+    # the same weights, read by name (two outputs of one jit: XLA may round them apart by an ulp)
+    np.testing.assert_allclose(
+        list(named_weights.values()), results["split tier 3"][0], rtol=1e-6, atol=0
+    )
     if name in FLAX_CHECKED:
         results.update(nnx_paths(weighting, params, batch))
         results.update(linen_path(weighting, params, batch))
