@@ -11,9 +11,10 @@ Families (seeded generators; float32 Jacobians of K = 2, 5, 10 tasks x 16 coordi
 Oracle: the same method in float64 on the float64 Gram of the same float32 Jacobian, through
 the tiers' rescaling (:func:`mtl_optax.gram.apply_weighting`). A case is **well-posed at
 float32 precision** when that float64 update moves by at most 1e-6 (1000x tighter than the
-1e-3 asked of float32) under what a float32 Gram cannot tell apart: two random roundings
-``G_ij ± 2⁻²⁴ √(G_ii G_jj)`` (for the rank family its dyadic factors are perturbed instead,
-keeping the rank exact) and the Gram with its eigenvalues below float32's resolution removed
+1e-3 asked of float32) under what a float32 Gram cannot tell apart: two random perturbations
+``G_ij ± 16 · 2⁻²⁴ √(G_ii G_jj)``, the a-priori rounding bound of a 16-term float32 dot
+product, whatever summation order XLA picks on a given CPU (for the rank family its dyadic
+factors are perturbed instead, keeping the rank exact) and the Gram with its eigenvalues below float32's resolution removed
 (:func:`float32_resolution`). Where well-posed, the float32 update ``u = Σ w_i g_i`` (the
 update: weights are not unique for rank-deficient Jacobians) agrees with float64 to
 ``1e-3 ‖u₆₄‖`` plus the rounding of forming ``u`` from float32 weights,
@@ -35,6 +36,8 @@ The random weighting is compared on its properties only (its normal draws depend
 with the reason; each method's docstring says the same.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +52,7 @@ DIM = 16
 KS = (2, 5, 10)
 SEEDS = 2
 U32 = 2.0**-24
+GRAM_ROUNDING = DIM * U32  # |fl(⟨g_i, g_j⟩) − ⟨g_i, g_j⟩| ≤ DIM u ‖g_i‖ ‖g_j‖
 EPS32 = float(np.finfo(np.float32).eps)
 SCALES = (3.0e-6, 7.0e4)
 WELL_POSED = 1e-6
@@ -116,6 +120,14 @@ EXCLUDED = {
         "on a face): float32 and float64, J and cJ, or permuted tasks stop at different "
         "iterates (up to 1e-2 apart at a 1e6 norm spread); mgda() is the exact solver",
     ),
+    **{
+        ("krum", family): (
+            {"agree", "linear", "equivariant"},
+            "(nearly) collinear or repeated gradients: Krum scores tie (to O(δ²), or exactly), "
+            "so rounding, a scaling or the task order picks the selected gradient",
+        )
+        for family in ("opposite", "parallel", "rank")
+    },
     # absolute thresholds (clipping at max_norm, a step size): the tiers hand over the true
     # Gram, homogeneity=None
     ("nash_mtl", "scale+30"): ({"agree", "finite", "conflict"}, OUT_OF_RANGE),
@@ -166,7 +178,7 @@ def gram_rounding(jacs, factors, rng):
         if fac is None:
             gram = jac @ jac.T
             norms = np.sqrt(np.diag(gram))
-            noise = np.triu(rng.uniform(-U32, U32, size=gram.shape))
+            noise = np.triu(rng.uniform(-GRAM_ROUNDING, GRAM_ROUNDING, size=gram.shape))
             out.append(gram + (noise + np.triu(noise, 1).T) * np.outer(norms, norms))
         else:
             a, b = fac
@@ -194,6 +206,19 @@ def float32_resolution(jacs):
         )
         lam, vec, keep = np.asarray(lam), np.asarray(vec), np.asarray(keep)
     return np.einsum("bij,bj,bkj->bik", vec, np.where(keep, lam, 0.0), vec)
+
+
+@functools.cache
+def prepared_cases(k):
+    """``(names, jacobians, exact Gram, [the three Grams float32 cannot tell apart])``.
+
+    Method-independent, so computed once per K (the eigen-decompositions of
+    :func:`float32_resolution` dominate otherwise)."""
+    names, jacs, factors = family_cases(k)
+    j64 = jacs.astype(np.float64)
+    perturbed = [gram_rounding(jacs, factors, np.random.default_rng([k, d])) for d in (0, 1)]
+    perturbed.append(gram_rounding(jacs, factors, None))
+    return names, jacs, j64 @ np.swapaxes(j64, 1, 2), perturbed
 
 
 def _losses(k):
@@ -279,7 +304,6 @@ def conflicts(jacs, u, weights):
 
 # Known gaps, open: each fails today and must start passing (strict) when fixed.
 KNOWN_FAILURES = {
-    "cagrad": "K = 2, norm spread 1e4: the float32 update is far from float64's",
     "modo": "K = 2: non-finite weights on one adversarial family",
 }
 
@@ -295,20 +319,15 @@ KNOWN_FAILURES = {
 )
 def test_float32_matches_float64_and_keeps_its_properties(name):
     claims = PROPERTIES[name]
-    rng = np.random.default_rng(0)
     for k in KS if name != "krum" else KS[1:]:  # krum needs K >= n_byzantine + 3
         runner = Runner(name, k)
-        names, jacs, factors = family_cases(k)
-        j64 = jacs.astype(np.float64)
+        names, jacs, gram, perturbed = prepared_cases(k)
         w32 = runner.weights32(jacs)
         finite = checked(name, names, "finite")
         assert np.all(np.isfinite(w32[finite])), f"non-finite weights, K={k}"
         u32 = update32(w32, jacs)
-        u64 = updates(runner.weights64(j64 @ np.swapaxes(j64, 1, 2), jacs), jacs)
-        moved = [
-            rel(updates(runner.weights64(gram_rounding(jacs, factors, r), jacs), jacs), u64)
-            for r in (rng, rng, None)
-        ]
+        u64 = updates(runner.weights64(gram, jacs), jacs)
+        moved = [rel(updates(runner.weights64(g, jacs), jacs), u64) for g in perturbed]
         well_posed = (np.max(moved, axis=0) <= WELL_POSED) & finite
         if name != "random":  # its normal draws depend on the dtype
             err = error(u32, u64, w32, jacs)
@@ -338,7 +357,7 @@ def test_gram_eigh_resolves_every_eigenvalue_its_gram_carries(k):
 
     Graded (norms 1e2 … 1e8 apart) and scaled Grams: every eigenvalue to 1e-5 relative, where
     ``jnp.linalg.eigh`` keeps only ``eps λ_max``; exactly rank-deficient Grams: the rank.
-    Eigenvectors orthonormal, ``V diag(λ) Vᵀ = G`` to ``16 K ε √(G_ii G_jj)`` (the rank tolerance).
+    Eigenvectors orthonormal to ``4 K ε``, ``V diag(λ) Vᵀ = G`` to ``16 K ε √(G_ii G_jj)`` (the rank tolerance).
     """
     names, jacs, _ = family_cases(k)
     keep = np.array([n.startswith(("spread", "rank", "scale+15")) for n in names])
@@ -355,7 +374,7 @@ def test_gram_eigh_resolves_every_eigenvalue_its_gram_carries(k):
         rank = int(name[4:]) if name.startswith("rank") else k
         assert mask.sum() == min(rank, k - 1 if name.startswith("rank") else k), name
         np.testing.assert_allclose(np.sort(lam_i[mask]), exact[-mask.sum() :], rtol=1e-5)
-        np.testing.assert_allclose(v.T @ v, eye, atol=1e-6)
+        np.testing.assert_allclose(v.T @ v, eye, atol=4 * k * EPS32)  # Jacobi: O(K ε) rotations
         scale = np.sqrt(np.outer(np.diag(g), np.diag(g)))
         rounding = default_rank_rtol(k, jnp.float32)  # 16 K eps, the rank tolerance
         assert np.all(np.abs(v @ np.diag(lam_i) @ v.T - g) <= rounding * scale + 1e-30)

@@ -26,7 +26,9 @@ def krum(*, n_byzantine: int, n_selected: int = 1) -> Weighting:
       n_selected: ``m ≥ 1`` gradients averaged (1: Krum; more: Multi-Krum), at most K.
 
     Checked in ``tests/test_robust.py`` against a NumPy transcription on the Jacobian
-    (explicit pairwise distances) and the torchjd fixtures.
+    (explicit pairwise distances) and the torchjd fixtures. The selection is discrete: on
+    (nearly) collinear gradients two scores tie to ``O(δ²)`` and rounding picks the winner
+    (float32 and float64 may then select different gradients).
 
     Example::
 
