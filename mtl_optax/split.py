@@ -207,7 +207,12 @@ def split_forward(pure: PureSplit, params: Any, batch: Any) -> SplitForward:
         chosen = selected_leaves(pure.select(params), leaves, "head_params")
         tied = [j for j, (m, c) in enumerate(zip(encoder_mask, chosen)) if m and c]
         if tied:
-            tied_error(tied)
+            raise ValueError(
+                f"stacked_heads: `head_params` selects {', '.join(names[i] for i in tied)}, "
+                "which `encoder` reads: it must select only the heads' task-stacked "
+                "parameters (e.g. `head_params=lambda params: params['heads']`, or "
+                "`lambda model: model.heads` under mtl_optax.flax_nnx)."
+            )
         sliced = [c for c, m in zip(chosen, encoder_mask) if not m]
         k = stacked_num_tasks([x for x, c in zip(head_leaves, sliced) if c])
         heads = run_stacked(

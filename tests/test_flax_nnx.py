@@ -253,11 +253,6 @@ def stacked_head(module, z, batch, i):
     return jnp.mean((module(z)[:, 0] - batch[1][:, i]) ** 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the tied-weight check reports the encoder's Linear leaves as read by the "
-    "nnx.vmap-made stacked heads too (a false positive of the read detection under nnx)",
-)
 def test_stacked_heads_under_nnx_match_jacrev():
     model = StackedModel(nnx.Rngs(7))
     batch = data(6)
@@ -293,9 +288,14 @@ def test_stacked_heads_under_nnx_match_jacrev():
     optimizer.update(model, task_grads, task_losses=losses)
     assert mtl.task_weights(optimizer).shape == (K,)
 
+    encode_linear = lambda m, b: m.linear(b[0])  # noqa: E731
     with pytest.raises(TypeError, match="head module built with nnx.vmap"):
         mtl_nnx.split_value_and_jacobian(
-            lambda m, b: m.linear(b[0]), mtl.stacked_heads(stacked_head, head_params=lambda m: m)
+            encode_linear, mtl.stacked_heads(stacked_head, head_params=lambda m: m.heads.kernel)
+        )(model, batch)
+    with pytest.raises(ValueError, match=r"selects \['linear'\].*which `encoder` reads"):
+        mtl_nnx.split_value_and_jacobian(
+            encode_linear, mtl.stacked_heads(stacked_head, head_params=lambda m: m)
         )(model, batch)
     with_dropout = StackedModel(nnx.Rngs(9), head_dropout=True)
     with pytest.raises(ValueError, match="may hold only parameters"):

@@ -288,7 +288,5 @@ def test_stacked_heads_errors():
     with pytest.raises(TypeError, match="head_params"):
         mtl.stacked_heads(models.head_loss, head_params="heads")
     tied = mtl.stacked_heads(models.head_loss, head_params=lambda p: p["trunk"])
-    with pytest.raises(
-        ValueError, match=r"\['trunk'\]\['b'\], \['trunk'\]\['w'\] are read by both"
-    ):
+    with pytest.raises(ValueError, match=r"selects \['trunk'\]\['b'\], \['trunk'\]\['w'\], wh"):
         mtl.split_value_and_jacobian(models.encode, tied)(params, batch)
