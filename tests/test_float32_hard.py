@@ -14,9 +14,10 @@ float32 precision** when that float64 update moves by at most 1e-6 (1000x tighte
 1e-3 asked of float32) under what a float32 Gram cannot tell apart: two random perturbations
 ``G_ij ± 16 · 2⁻²⁴ √(G_ii G_jj)``, the a-priori rounding bound of a 16-term float32 dot
 product, whatever summation order XLA picks on a given CPU (for the rank family its dyadic
-factors are perturbed instead, keeping the rank exact) and the Gram with its eigenvalues below float32's resolution removed
-(:func:`float32_resolution`). Where well-posed, the float32 update ``u = Σ w_i g_i`` (the
-update: weights are not unique for rank-deficient Jacobians) agrees with float64 to
+factors are perturbed instead, keeping the rank exact) and the Gram with its eigenvalues
+below float32's resolution removed (:func:`float32_resolution`). Where well-posed, the
+float32 update ``u = Σ w_i g_i`` (the update: weights are not unique for rank-deficient
+Jacobians) agrees with float64 to
 ``1e-3 ‖u₆₄‖`` plus the rounding of forming ``u`` from float32 weights,
 ``K ε Σ_j |w_j| ‖g_j‖``.
 
@@ -357,7 +358,8 @@ def test_gram_eigh_resolves_every_eigenvalue_its_gram_carries(k):
 
     Graded (norms 1e2 … 1e8 apart) and scaled Grams: every eigenvalue to 1e-5 relative, where
     ``jnp.linalg.eigh`` keeps only ``eps λ_max``; exactly rank-deficient Grams: the rank.
-    Eigenvectors orthonormal to ``4 K ε``, ``V diag(λ) Vᵀ = G`` to ``16 K ε √(G_ii G_jj)`` (the rank tolerance).
+    Eigenvectors orthonormal to ``4 K ε``; ``V diag(λ) Vᵀ = G`` to ``16 K ε √(G_ii G_jj)``
+    (the rank tolerance).
     """
     names, jacs, _ = family_cases(k)
     keep = np.array([n.startswith(("spread", "rank", "scale+15")) for n in names])
