@@ -9,9 +9,11 @@ Two tables, measured in one run:
   mgda): the model of ``benchmarks/speed.py`` (trunk 784 → 512 → 512 ReLU, K linear 10-way
   heads, batch 256, Adam), ``split_value_and_jacobian`` (its stacked heads) + ``aggregate``
   in JAX beside torchjd's ``mtl_backward`` + ``jac_to_grad(trunk, UPGrad())`` on the
-  identical PyTorch model, with the ratio ours / torchjd (medians, same run). The
-  torch part runs only when torch and torchjd are importable; otherwise the table says
-  "torchjd not installed".
+  same PyTorch model, and the same method's solve alone on the largest K's matrix beside
+  torchjd's aggregator on that matrix. PyTorch runs in a process of its own, its rounds
+  interleaved with the JAX rounds, and a ratio ours / torchjd is printed only when the
+  sanity line holds (``benchmarks/timing.py``); without an interpreter that has torch and
+  torchjd (``--torch-python``) the table says "torchjd not run".
 
     python -m benchmarks.aggregator_speed [--methods nash_mtl,pcgrad] [--smoke]
 """
@@ -29,16 +31,16 @@ import optax
 
 import mtl_optax as mtl
 from benchmarks import common
-from benchmarks.speed import (
-    HEADS,
-    _num_cores,
-    encode,
-    init_params,
+from benchmarks.speed import HEADS, encode, init_params, jax_call
+from benchmarks.timing import (
+    TORCH_PLAIN,
+    TorchProcess,
+    cross_library_verdict,
+    find_torch_python,
     interleaved_medians,
-    jax_call,
+    machine_load,
     median_seconds,
-    torch_available,
-    torch_calls,
+    num_cores,
 )
 
 # name -> keyword arguments of mtl.<name>(...) (a callable of K where they depend on it)
@@ -76,14 +78,19 @@ def solve_matrix(num_tasks: int) -> jax.Array:
     return jax.random.normal(jax.random.PRNGKey(1), (num_tasks, 2000))
 
 
-def time_solve(weighting: mtl.Weighting, num_tasks: int, *, calls: int) -> float:
-    """Median µs of one jitted ``update`` on a random Gram (initial state)."""
+def jitted_solve(weighting: mtl.Weighting, num_tasks: int):
+    """A zero-argument call of the jitted ``update`` on the random Gram (initial state)."""
     a = solve_matrix(num_tasks)
     gram = jnp.matmul(a, a.T, precision=jax.lax.Precision.HIGHEST)
     losses = jnp.ones(num_tasks)
     state = weighting.init(num_tasks)
     solve = jax.jit(lambda g, s: weighting.update(g, losses, s)[0])
-    return 1e6 * median_seconds(lambda: jax.block_until_ready(solve(gram, state)), calls=calls)
+    return lambda: jax.block_until_ready(solve(gram, state))
+
+
+def time_solve(weighting: mtl.Weighting, num_tasks: int, *, calls: int) -> float:
+    """Median µs of one jitted ``update`` on a random Gram (initial state)."""
+    return 1e6 * median_seconds(jitted_solve(weighting, num_tasks), calls=calls)
 
 
 def tier3_step(weighting: mtl.Weighting, num_tasks: int, params):
@@ -101,16 +108,6 @@ def tier3_step(weighting: mtl.Weighting, num_tasks: int, params):
     return jax.jit(step), (params, opt.init(params))
 
 
-def torchjd_upgrad_solve(matrix: np.ndarray, *, calls: int) -> float:
-    """Median µs of torchjd's ``UPGrad()`` aggregator on the (K, n) matrix (quadprog)."""
-    import torch
-    from torchjd.aggregation import UPGrad
-
-    torch.set_num_threads(_num_cores())
-    aggregator, jac = UPGrad(), torch.from_numpy(np.array(matrix, np.float32))
-    return 1e6 * median_seconds(lambda: aggregator(jac), calls=calls)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated names")
@@ -122,6 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--no-torch", action="store_true", help="skip torchjd even if installed")
+    parser.add_argument("--torch-python", default=None, help="interpreter with torch, torchjd")
     parser.add_argument("--out", default=None, help="folder for aggregator_speed.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, few calls, no torch")
     args = parser.parse_args(argv)
@@ -150,48 +148,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cells = ["n/a" if row[k] is None else f"{row[k]:.0f}" for k in args.num_tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     solve_table = "\n".join(lines)
-    use_torch = not args.no_torch and torch_available()
+    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
     largest = max(args.num_tasks)
-    if use_torch and "upgrad" in names:
-        theirs = torchjd_upgrad_solve(np.asarray(solve_matrix(largest)), calls=args.solve_calls)
-        ours = solves["upgrad"][largest]
-        solve_table += (
-            f"\n\ntorchjd UPGrad aggregator on the same matrix, K = {largest}: {theirs:.0f} µs "
-            f"(ours {ours:.0f} µs: {theirs / ours:.1f}× faster)."
-        )
 
     method = args.step_method
     k = args.step_tasks
+    torch_name = {"upgrad": "UPGrad", "mgda": "MGDA"}[method]
     sizes = (784, args.width, args.width)
     key_x, key_y, key_p = jax.random.split(jax.random.PRNGKey(k), 3)
     x = jax.random.uniform(key_x, (args.batch_size, 784))
     y = jax.random.randint(key_y, (args.batch_size, k), 0, 10)
     step, state = tier3_step(build(method, k), k, init_params(key_p, k, sizes))
-    steps = interleaved_medians({"ours": jax_call(step, state, (x, y))}, calls=args.steps)
-    torch_name = {"upgrad": "UPGrad", "mgda": "MGDA"}[method]
-    if use_torch:
-        torch_fn = torch_calls(
-            k, sizes, np.asarray(x), np.asarray(y), lr=1e-3, aggregator=torch_name
-        )[f"torchjd {torch_name}"]
-        steps.update(interleaved_medians({"torchjd": torch_fn}, calls=args.steps))
+    calls = {
+        "ours": jax_call(step, state, (x, y)),
+        "ours solve": jitted_solve(build(method, largest), largest),
+    }
+    torch, notes, withheld = None, [], "torchjd not run"
+
+    def ratio(seconds, kind=""):
+        return f"{seconds / steps[f'torchjd {kind}'.strip()]:.2f}×"
+
+    if torch_python is not None:
+        arrays = dict(sizes=sizes, aggregator=torch_name, lr=1e-3, x=np.asarray(x), y=np.asarray(y))
+        arrays["solve_matrix"] = np.asarray(solve_matrix(largest))
+        torch = TorchProcess(torch_python, "multitask", arrays)
+        alone = torch.alone(args.steps)
+    load = machine_load()[0]
+    steps = interleaved_medians(calls, calls=args.steps, torch=torch)
+    if torch is not None:
+        torch.close()
+        steps["torchjd"] = steps.pop(f"torchjd {torch_name} step")
+        steps["torchjd solve"] = steps.pop(f"torchjd {torch_name} solve")
+        sanity, withheld = cross_library_verdict(
+            steps[TORCH_PLAIN], alone, max(load, machine_load()[0])
+        )
+        notes.append(sanity + (f" No cross-library ratio: {withheld}." if withheld else ""))
+        notes.append(
+            f"torchjd {torch_name} aggregator alone on the K = {largest} matrix: "
+            f"{1e6 * steps['torchjd solve']:.0f} µs, ours {1e6 * steps['ours solve']:.0f} µs"
+            + ("." if withheld else f"; ours / torchjd {ratio(steps['ours solve'], 'solve')}.")
+        )
     ours = f"{1e3 * steps['ours']:.2f}"
-    if use_torch:
-        theirs = f"{1e3 * steps['torchjd']:.2f}"
-        ratio = f"{steps['ours'] / steps['torchjd']:.2f}×"
-    else:
-        theirs, ratio = "torchjd not installed", "–"
+    theirs = withheld if torch is None else f"{1e3 * steps['torchjd']:.2f}"
     step_table = (
         f"| K | method | ours (ms) | torchjd {torch_name} (ms) | ours / torchjd |\n"
         "|---|---|---|---|---|\n"
-        f"| {k} | {method} | {ours} | {theirs} | {ratio} |"
+        f"| {k} | {method} | {ours} | {theirs} | {'–' if withheld else ratio(steps['ours'])} |"
     )
+    step_table += "".join(f"\n\n* {note}" for note in notes)
     text = (
         "# Aggregator speed (CPU)\n\n"
         f"Weighting solve alone: jitted `update` on `A Aᵀ` (A K x 2000 Gaussian), initial "
         f"state, median of {args.solve_calls} calls after warm-up (µs).\n\n{solve_table}\n\n"
         f"Full tier-3 step, trunk {' → '.join(map(str, sizes))} ReLU, K = {k} linear 10-way "
         f"heads, batch {args.batch_size}, Adam; median of {args.steps} steps after 2 warm-up "
-        f"calls. JAX {jax.__version__} on {jax.default_backend()}, {_num_cores()} cores. "
+        f"rounds, interleaved with PyTorch's (its own process). JAX {jax.__version__} on "
+        f"{jax.default_backend()}, {num_cores()} cores. "
         f"Wall time {clock():.0f} s.\n\n{step_table}\n"
     )
     print(solve_table)

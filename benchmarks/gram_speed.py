@@ -24,47 +24,33 @@ for with ``block_until_ready``:
   mean weights, then ``losses.backward(weights)`` as in torchjd's documented recipe: a
   second backward pass).
 
-Timing: after 2 warm-up rounds, ``--calls`` rounds call every JAX function once and then
-ask the PyTorch process for one call of each of its functions, so load changes hit both
-alike; the table gives medians and ratios within this one run. Peak memory (JAX) is XLA's
-memory analysis of the compiled function (arguments + outputs + temporaries - aliased),
-as in ``benchmarks/speed.py``. Sanity line: before the interleaved rounds PyTorch's plain
-step is timed alone (``--calls`` consecutive calls, JAX idle) and compared with its
-interleaved median; with the machine load (``os.getloadavg``). When the two differ by more
-than 1.5x, when the 1-minute load average exceeds 1.5x the cores (other jobs compete for
-them: PyTorch's threads degrade much more than XLA's under contention, and then alone and
-interleaved alike), or when the two frameworks do not run on the same kind of device, no
-cross-library ratio is printed. The PyTorch Gram is also compared with ours on the same
-parameters and batch (it must agree: same model).
+Timing (``benchmarks/timing.py``, shared by every speed benchmark): after 2 warm-up rounds,
+``--calls`` rounds call every JAX function once and then ask the PyTorch process for one
+call of each of its functions, so load changes hit both alike; the table gives medians and
+ratios within this one run, and a sanity line (PyTorch's plain step timed alone against its
+interleaved median, the machine load) decides whether a cross-library ratio is printed. Peak
+memory (JAX) is XLA's memory analysis of the compiled function (arguments + outputs +
+temporaries - aliased), as in ``benchmarks/speed.py``. The PyTorch Gram is also compared
+with ours on the same parameters and batch (it must agree: same model).
 
     python -m benchmarks.gram_speed --torch-python .venv-ref/bin/python
     python -m benchmarks.gram_speed --smoke        # seconds: the CNN, tiny sizes, no torch
-
-Only the standard library and NumPy are imported at module level: the PyTorch side runs
-this same file (``--torch-worker``) in an interpreter without JAX.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks import common, timing
+
 MODELS = ("mlp", "cnn")
-SANITY_FACTOR = 1.5
 LR = 0.01
 JAX_ROWS = ("plain step", "Gram (ours)", "Gram (vmap(grad))", "IWRM step (ours)")
-TORCH_ROWS = ("torch plain step", "torchjd Gram", "torchjd IWRM step")
+TORCH_ROWS = ("torch plain step", "torchjd Gram", "torchjd IWRM step")  # timing.py's "gram"
 
 
 # --------------------------------------------------------------------------- shared setup
@@ -96,19 +82,6 @@ def make_batch(model: str, batch_size: int, seed: int = 1) -> tuple[np.ndarray, 
     rng = np.random.default_rng(seed)
     shape = (batch_size, 784) if model == "mlp" else (batch_size, 28, 28, 1)
     return rng.random(shape, dtype=np.float32), rng.integers(0, 10, batch_size).astype(np.int32)
-
-
-def machine_load() -> tuple[float, str]:
-    """The 1-minute load average and a line describing it."""
-    one, five, _ = os.getloadavg()
-    return one, f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {num_cores()} cores"
-
-
-def num_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- JAX side
@@ -196,146 +169,6 @@ def jax_device() -> str:
     return f"JAX {jax.__version__} on {jax.default_backend()} ({device.device_kind})"
 
 
-# --------------------------------------------------------------------------- PyTorch side
-def torch_worker(argv: Sequence[str]) -> None:
-    """Runs in the PyTorch interpreter: builds the model from the .npz file, then answers
-    ``round`` (one timed call of each function), ``alone N`` (N timed plain steps),
-    ``gram PATH`` (writes its Gram of the initial parameters) and ``quit`` on stdin."""
-    import torch
-    from torch import nn
-    from torchjd.autogram import Engine
-
-    (npz,) = argv
-    data = np.load(npz)
-    model_kind = str(data["model"])
-    torch.set_num_threads(num_cores())
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-
-    def build() -> nn.Module:
-        if model_kind == "mlp":
-            layers = []
-            sizes = [data["w0"].shape[0], data["w0"].shape[1], data["w1"].shape[1], 10]
-            for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
-                lin = nn.Linear(m, n)
-                lin.weight.data, lin.bias.data = t(data[f"w{i}"].T), t(data[f"b{i}"])
-                layers += [lin] + ([nn.ReLU()] if i < 2 else [])
-            return nn.Sequential(*layers)
-        convs = []
-        for i in range(2):
-            k = data[f"c{i}"]  # HWIO -> OIHW
-            conv = nn.Conv2d(k.shape[2], k.shape[3], k.shape[0])
-            conv.weight.data, conv.bias.data = t(k.transpose(3, 2, 0, 1)), t(data[f"cb{i}"])
-            convs += [conv, nn.ReLU(), nn.MaxPool2d(2)]
-        dense = []
-        for i in range(3):
-            w = data[f"w{i}"]
-            lin = nn.Linear(w.shape[0], w.shape[1])
-            lin.weight.data, lin.bias.data = t(w.T), t(data[f"b{i}"])
-            dense += [lin] + ([nn.ReLU()] if i < 2 else [])
-        return nn.Sequential(*convs, nn.Flatten(), *dense)
-
-    x = t(data["x"] if model_kind == "mlp" else data["x"].transpose(0, 3, 1, 2))  # NCHW
-    y = t(data["y"].astype(np.int64))
-    criterion = nn.CrossEntropyLoss(reduction="none")
-    # Two copies of the same initial model: torchjd's engine hooks every forward pass of
-    # the modules it is given and expects compute_gramian after each, so the plain step
-    # runs on a model of its own.
-    model, jd_model = build(), build()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    jd_optimizer = torch.optim.SGD(jd_model.parameters(), lr=LR)
-    engine = Engine(jd_model, batch_dim=0)
-
-    def plain():
-        criterion(model(x), y).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    def gram():
-        losses = criterion(jd_model(x), y)
-        return engine.compute_gramian(losses)
-
-    def iwrm():
-        losses = criterion(jd_model(x), y)
-        gramian = engine.compute_gramian(losses)
-        weights = torch.full_like(losses, 1.0 / losses.shape[0])
-        losses.backward(weights)
-        jd_optimizer.step()
-        jd_optimizer.zero_grad()
-        return gramian
-
-    calls = {"torch plain step": plain, "torchjd Gram": gram, "torchjd IWRM step": iwrm}
-    reply = lambda obj: print(json.dumps(obj), flush=True)  # noqa: E731
-    reply({"ready": torch.__version__})
-    for line in sys.stdin:
-        command = line.split()
-        if not command or command[0] == "quit":
-            break
-        if command[0] == "gram":
-            np.save(command[1], gram().detach().numpy())
-            reply({"done": True})
-        elif command[0] == "alone":
-            times = []
-            for _ in range(int(command[1])):
-                start = time.perf_counter()
-                plain()
-                times.append(time.perf_counter() - start)
-            reply({"median": float(np.median(times))})
-        elif command[0] == "round":
-            out = {}
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                out[name] = time.perf_counter() - start
-            reply(out)
-
-
-class TorchProcess:
-    """The PyTorch worker: this file run with ``--torch-worker`` by another interpreter."""
-
-    def __init__(self, python: str, npz: str):
-        self.proc = subprocess.Popen(
-            [python, str(Path(__file__).resolve()), "--torch-worker", npz],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.version = self.ask("")["ready"]
-
-    def ask(self, command: str) -> dict:
-        if command:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the PyTorch worker exited (see its error output above).")
-        return json.loads(line)
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-        self.proc.wait(timeout=60)
-
-
-def find_torch_python(requested: str | None) -> str | None:
-    """The interpreter of the PyTorch side, or None when torch + torchjd are not found."""
-    candidates = [requested] if requested else []
-    if not requested:
-        candidates += [os.environ.get("MTL_OPTAX_TORCH_PYTHON"), str(ROOT / ".venv-ref/bin/python")]
-        candidates.append(sys.executable)
-    for python in candidates:
-        if not python or not Path(python).exists():
-            continue
-        probe = subprocess.run(
-            [python, "-c", "import torch, torchjd"], capture_output=True, text=True
-        )
-        if probe.returncode == 0:
-            return python
-    return None
-
-
 # --------------------------------------------------------------------------- benchmark
 def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
     import jax
@@ -344,48 +177,29 @@ def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
     batch_np = make_batch(model, args.batch_size)
     fns = jax_functions(model, params_np, batch_np)
     memory = {name: peak_mb(fn) for name, (fn, _) in fns.items()}
-    torch_proc = None
-    gram_check = None
+    torch_proc = gram_check = alone = None
     if torch_python is not None:
-        npz = Path(tempfile.mkdtemp()) / f"{model}.npz"
-        np.savez(npz, model=model, x=batch_np[0], y=batch_np[1], **params_np)
-        torch_proc = TorchProcess(torch_python, str(npz))
-        theirs_path = str(npz.with_suffix(".gram.npy"))
+        arrays = dict(model=model, lr=LR, x=batch_np[0], y=batch_np[1], **params_np)
+        torch_proc = timing.TorchProcess(torch_python, "gram", arrays)
+        theirs_path = str(torch_proc.npz.with_suffix(".gram.npy"))
         torch_proc.ask(f"gram {theirs_path}")
         ours = np.asarray(fns["Gram (ours)"][0](*fns["Gram (ours)"][1])[1])
         theirs = np.load(theirs_path)
         gram_check = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(ours)))
-
-    def call(fn, a):
-        return jax.block_until_ready(fn(*a))
-
-    times: dict[str, list[float]] = {name: [] for name in [*JAX_ROWS, *TORCH_ROWS]}
-    alone = None
-    if torch_proc is not None:
-        alone = torch_proc.ask(f"alone {args.calls}")["median"]
-    load, load_line = machine_load()
-    for r in range(2 + args.calls):
-        for name, (fn, a) in fns.items():
-            start = time.perf_counter()
-            call(fn, a)
-            if r >= 2:
-                times[name].append(time.perf_counter() - start)
-        if torch_proc is not None:
-            for name, seconds in torch_proc.ask("round").items():
-                if r >= 2:
-                    times[name].append(seconds)
+        alone = torch_proc.alone(args.calls)
+    load, load_line = timing.machine_load()
+    calls = {
+        name: (lambda fn=fn, a=a: jax.block_until_ready(fn(*a))) for name, (fn, a) in fns.items()
+    }
+    medians = timing.interleaved_medians(calls, calls=args.calls, torch=torch_proc)
     if torch_proc is not None:
         torch_proc.close()
-    load_after, line_after = machine_load()
-    if load_after > load:
-        load, load_line = load_after, line_after  # the busier of before / after the rounds
-    medians = {name: float(np.median(t)) for name, t in times.items() if t}
+    load = max(load, timing.machine_load()[0])  # the busier of before / after the rounds
     return {
         "medians": medians,
         "memory": memory,
         "alone": alone,
         "load": load,
-        "load_line": load_line,
         "gram_check": gram_check,
         "torch_version": None if torch_proc is None else torch_proc.version,
         "backend": jax.default_backend(),
@@ -407,33 +221,20 @@ def table(model: str, out: dict[str, Any], args) -> tuple[str, list[str]]:
             f"{mem[name] / plain_mem:.2f} |"
         )
     notes = []
-    if "torch plain step" in med:
-        tplain = med["torch plain step"]
+    if timing.TORCH_PLAIN in med:
+        tplain = med[timing.TORCH_PLAIN]
         for name in TORCH_ROWS:
             lines.append(f"| {name} | {1e3 * med[name]:.2f} | {med[name] / tplain:.2f} | – | – |")
-        ratio = med["torch plain step"] / out["alone"]
-        sane = 1 / SANITY_FACTOR <= ratio <= SANITY_FACTOR
-        notes.append(
-            f"Sanity: PyTorch's plain step interleaved {1e3 * tplain:.2f} ms vs timed alone "
-            f"{1e3 * out['alone']:.2f} ms ({ratio:.2f}×); {out['load_line']}."
+        sanity, withheld = timing.cross_library_verdict(
+            tplain, out["alone"], out["load"], jax_backend=out["backend"]
         )
+        notes.append(sanity)
         notes.append(
             f"PyTorch's Gram vs ours on the same parameters and batch: max relative difference "
             f"{out['gram_check']:.1e}."
         )
-        if out["backend"] != "cpu":
-            notes.append("No cross-library ratio: JAX runs on an accelerator, PyTorch on CPU.")
-        elif not sane:
-            notes.append(
-                f"No cross-library ratio: the sanity check is off by more than {SANITY_FACTOR}× "
-                "(the machine is busy)."
-            )
-        elif out["load"] > SANITY_FACTOR * num_cores():
-            notes.append(
-                f"No cross-library ratio: the load average exceeds {SANITY_FACTOR}× the cores "
-                "(other jobs compete for them; PyTorch's threads degrade much more than XLA's, "
-                "interleaved and alone alike)."
-            )
+        if withheld:
+            notes.append(f"No cross-library ratio: {withheld}.")
         else:
             notes.append(
                 f"Ours / torchjd: Gram {med['Gram (ours)'] / med['torchjd Gram']:.2f}×, IWRM step "
@@ -466,10 +267,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"text": markdown, "results": {model: ...}}``."""
     args = parse_args(argv)
-    from benchmarks import common
-
     clock = common.Stopwatch()
-    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
+    torch_python = None if args.no_torch else timing.find_torch_python(args.torch_python)
     results, sections = {}, []
     for model in args.models:
         results[model] = run_model(model, args, torch_python)
@@ -483,10 +282,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     text = (
         f"# Structured Gram: speed and memory ({results[args.models[0]]['backend']})\n\n"
-        f"{jax_device()}, {num_cores()} cores; {torch_line}. Median of {args.calls} interleaved "
-        f"rounds after 2 warm-up rounds; SGD (lr {LR}); wall time {clock():.0f} s.\n\n"
-        + "\n\n".join(sections)
-        + "\n"
+        f"{jax_device()}, {timing.num_cores()} cores; {torch_line}. Median of {args.calls} "
+        f"interleaved rounds after 2 warm-up rounds; SGD (lr {LR}); wall time {clock():.0f} s."
+        "\n\n" + "\n\n".join(sections) + "\n"
     )
     name = f"gram_speed_{results[args.models[0]]['backend']}"
     for path in common.write_results(args.out, name, text, smoke=args.smoke):
@@ -495,7 +293,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--torch-worker":
-        torch_worker(sys.argv[2:])
-    else:
-        main()
+    main()

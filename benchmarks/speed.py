@@ -5,9 +5,9 @@ stacked, one (K, 512, 10) weight), batch 256 of random inputs and labels, Adam(1
 For each K, every step below is one jitted call (gradients, weights, Adam update,
 ``apply_updates``) waited for with ``block_until_ready``; the table gives the median over
 ``--steps`` calls after two warm-up calls and its ratio to the plain step measured in the
-same run. The JAX calls are interleaved (each round calls every step once), so a change
-in machine load hits all of them alike; the two PyTorch steps are interleaved with each
-other in separate rounds (idle PyTorch threads would slow the JAX calls):
+same run. The calls are interleaved (each round calls every step once, then the PyTorch
+process's steps once), so a change in machine load hits all of them alike
+(``benchmarks/timing.py``):
 
 * ``plain`` -- ``jax.grad`` of the summed task losses (what one would write without this
   library; the K heads as one einsum over the stacked head weights);
@@ -26,12 +26,13 @@ other in separate rounds (idle PyTorch threads would slow the JAX calls):
 * ``tier 3 MGDA (strategy)`` -- ``value_and_jacobian(strategy=...)`` then
   ``optax.chain(aggregate(mgda(), shared=trunk), adam)``, for ``vmap``, ``map`` and
   ``chunked`` (``chunk_size = ceil(K / 4)``, at least 2);
-* ``torchjd MGDA`` (only when ``torchjd`` is importable) -- the same model in PyTorch
-  (trunk ``nn.Sequential``, K ``nn.Linear`` heads, same sizes, ``torch.set_num_threads``
-  set to the cores JAX uses): ``mtl_backward(losses, features=z)`` then
-  ``jac_to_grad(trunk.parameters(), MGDA())`` and ``torch.optim.Adam``; its ratio is to
-  our tier-3 MGDA through the split (the same computation: K encoder backward passes).
-  A plain PyTorch summed-loss step is timed too, for reference.
+* ``torchjd MGDA`` (when an interpreter with torch and torchjd is found, ``--torch-python``)
+  -- the same model in PyTorch, in a process of its own (trunk ``nn.Sequential``, K
+  ``nn.Linear`` heads, same sizes, ``torch.set_num_threads`` set to the cores JAX uses):
+  ``mtl_backward(losses, features=z)`` then ``jac_to_grad(trunk.parameters(), MGDA())`` and
+  ``torch.optim.Adam``; its ratio is to our tier-3 MGDA through the split (the same
+  computation: K encoder backward passes), printed only when the sanity line holds (torch's
+  plain step, also timed, alone vs interleaved within 1.5×, load at most 1.5× the cores).
 
 Every step through the split gives the heads as ``mtl.stacked_heads`` (:data:`HEADS`): one
 head function vmapped over the stacked head parameters, the same model and arithmetic as
@@ -56,8 +57,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,6 +68,16 @@ import optax
 import mtl_optax as mtl
 from benchmarks import common
 from benchmarks.multimnist import encode, shared_mask  # same trunk/heads layout
+from benchmarks.timing import (
+    TORCH_PLAIN,
+    TorchProcess,
+    cross_library_verdict,
+    find_torch_python,
+    interleaved_medians,
+    machine_load,
+    median_seconds,
+    num_cores,
+)
 
 STRATEGIES = ("vmap", "map", "chunked")
 # What value_and_jacobian's default strategy "auto" picks on this backend.
@@ -253,29 +262,6 @@ def plain_step(adam) -> Callable:
     return plain
 
 
-def median_seconds(call: Callable[[], Any], *, calls: int, warmup: int = 2) -> float:
-    """Median wall seconds of ``call()`` (which must wait for its result) after warm-up."""
-    return interleaved_medians({"call": call}, calls=calls, warmup=warmup)["call"]
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], Any]], *, calls: int, warmup: int = 2
-) -> dict[str, float]:
-    """Median wall seconds of each zero-argument function (which waits for its result).
-
-    After ``warmup`` rounds (compilation), ``calls`` rounds call every function once in
-    turn, so a change in machine load hits all of them alike and the ratios stay fair.
-    """
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(warmup + calls):
-        for name, call in fns.items():
-            start = time.perf_counter()
-            call()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def jax_call(step: Callable, state, batch) -> Callable[[], None]:
     """Zero-argument call running one jitted step on carried state, waiting for it."""
     box = [state]
@@ -284,76 +270,6 @@ def jax_call(step: Callable, state, batch) -> Callable[[], None]:
         box[0] = jax.block_until_ready(step(box[0], batch))
 
     return call
-
-
-# --------------------------------------------------------------------------- torchjd
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-        import torchjd  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def torch_calls(
-    num_tasks: int,
-    sizes: Sequence[int],
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    lr: float,
-    aggregator: str = "MGDA",
-) -> dict[str, Callable[[], None]]:
-    """One-step calls of the same model in PyTorch: plain summed loss and torchjd with the
-    named aggregator (``torchjd.aggregation.<aggregator>()``, MGDA by default)."""
-    import torch
-    from torch import nn
-    from torchjd import aggregation
-    from torchjd.autojac import jac_to_grad, mtl_backward
-
-    torch.set_num_threads(_num_cores())
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for m, n in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(m, n), nn.ReLU()]
-    trunk = nn.Sequential(*layers)
-    head_list = nn.ModuleList([nn.Linear(sizes[-1], 10) for _ in range(num_tasks)])
-    xt = torch.from_numpy(np.array(x, np.float32))
-    yt = torch.from_numpy(np.array(y, np.int64))
-
-    def losses_and_features():
-        z = trunk(xt)
-        losses = [
-            nn.functional.cross_entropy(head(z), yt[:, k]) for k, head in enumerate(head_list)
-        ]
-        return losses, z
-
-    params = list(trunk.parameters()) + list(head_list.parameters())
-    optimizer = torch.optim.Adam(params, lr=lr)
-    aggregate = getattr(aggregation, aggregator)()
-
-    def plain():
-        losses, _ = losses_and_features()
-        torch.stack(losses).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    def torchjd_step():
-        losses, z = losses_and_features()
-        mtl_backward(losses, features=z)
-        jac_to_grad(trunk.parameters(), aggregate)
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return {"torch plain": plain, f"torchjd {aggregator}": torchjd_step}
-
-
-def _num_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- solves
@@ -395,6 +311,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--solve-tasks", type=int, default=64)
     parser.add_argument("--solve-calls", type=int, default=200)
     parser.add_argument("--no-torch", action="store_true", help="skip torchjd even if installed")
+    parser.add_argument("--torch-python", default=None, help="interpreter with torch, torchjd")
     parser.add_argument(
         "--out",
         default=None,
@@ -424,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     clock = common.Stopwatch()
     sizes = (784, args.width, args.width)
-    use_torch = not args.no_torch and torch_available()
+    torch_python = None if args.no_torch else find_torch_python(args.torch_python)
+    use_torch = torch_python is not None
     strategies = [s for s in STRATEGIES if s in args.strategies]
     if use_torch and DEFAULT_STRATEGY not in strategies:
         strategies.insert(0, DEFAULT_STRATEGY)  # torchjd's ratio refers to it
@@ -438,16 +356,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "K encoder backwards",
     ]
     rows: dict[int, dict[str, float]] = {}
+    notes: list[str] = []
+    withheld: dict[int, str | None] = {}  # K -> why no torchjd ratio (None: printed)
+    torch_version = None
     for num_tasks in args.num_tasks:
         params, (x, y) = problem(num_tasks, sizes, args.batch_size)
         calls = {
             name: jax_call(step, state, (x, y))
             for name, (step, state) in make_steps(num_tasks, params, 1e-3, strategies).items()
         }
-        row = interleaved_medians(calls, calls=args.steps)
-        if use_torch:  # separate rounds: idle torch threads must not slow the JAX calls
-            torch_fns = torch_calls(num_tasks, sizes, np.asarray(x), np.asarray(y), lr=1e-3)
-            row.update(interleaved_medians(torch_fns, calls=args.steps))
+        torch = None
+        if use_torch:  # the same model in PyTorch, in its own process (benchmarks/timing.py)
+            arrays = dict(sizes=sizes, aggregator="MGDA", lr=1e-3, x=np.asarray(x), y=np.asarray(y))
+            torch = TorchProcess(torch_python, "multitask", arrays)
+            torch_version, alone = torch.version, torch.alone(args.steps)
+        load = machine_load()[0]
+        row = interleaved_medians(calls, calls=args.steps, torch=torch)
+        if torch is not None:
+            torch.close()
+            load = max(load, machine_load()[0])
+            sanity, withheld[num_tasks] = cross_library_verdict(row[TORCH_PLAIN], alone, load)
+            reason = withheld[num_tasks]
+            notes.append(f"K = {num_tasks}: {sanity}" + (f" No ratio: {reason}." if reason else ""))
         for name, seconds in row.items():
             print(f"K={num_tasks:>3} {name:<24} {1e3 * seconds:9.2f} ms", flush=True)
         rows[num_tasks] = row
@@ -463,8 +393,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fastest = min(strategies, key=lambda s: row[f"tier 3 MGDA ({s})"])
         cells.append(fastest + (f" (chunk {chunk_size_for(num_tasks)})" * (fastest == "chunked")))
         if use_torch:
-            cells.append(_cell(row["torch plain"], None))
-            cells.append(_cell(row["torchjd MGDA"], row["tier 3 MGDA (split)"]))
+            cells.append(_cell(row[TORCH_PLAIN], None))
+            reference = None if withheld[num_tasks] else row["tier 3 MGDA (split)"]
+            cells.append(_cell(row["torchjd MGDA step"], reference))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
 
@@ -493,9 +424,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     seconds = clock()
     torch_note = (
-        "torchjd: not installed (optional; `pip install torch torchjd`)."
+        "torchjd: not run (optional; an interpreter with torch and torchjd, `--torch-python`)."
         if not use_torch
-        else f"PyTorch {_torch_versions()}, {_num_cores()} threads."
+        else f"PyTorch {torch_version} with {num_cores()} threads, in its own process, its "
+        "rounds interleaved with the JAX rounds; the torchjd ratio is printed only when the "
+        "sanity line below holds."
     )
     text = (
         "# Step time per tier (CPU)\n\n"
@@ -505,8 +438,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "of the same run; for torchjd, the "
         "ratio to our tier-3 MGDA through the split). chunked: chunk size "
         f"ceil(K/4), at least 2. JAX {jax.__version__} on {jax.default_backend()}, "
-        f"{_num_cores()} cores. {torch_note} Wall time {seconds:.0f} s.\n\n"
+        f"{num_cores()} cores. {torch_note} Wall time {seconds:.0f} s.\n\n"
         + table
+        + "".join(f"\n\n* {note}" for note in notes)
         + "\n\nPeak memory of the compiled step (XLA memory analysis: arguments + outputs + "
         "temporaries - aliased) and median step time over "
         f"{args.memory_steps} calls; bounded mode with chunk min(K, 4).\n\n"
@@ -529,14 +463,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "memory": memory,
     }
-
-
-def _torch_versions() -> str:
-    from importlib.metadata import version
-
-    import torch
-
-    return f"{torch.__version__}, torchjd {version('torchjd')}"
 
 
 if __name__ == "__main__":
