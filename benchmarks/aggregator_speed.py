@@ -33,14 +33,11 @@ import mtl_optax as mtl
 from benchmarks import common
 from benchmarks.speed import HEADS, encode, init_params, jax_call
 from benchmarks.timing import (
-    TORCH_PLAIN,
     TorchProcess,
-    cross_library_verdict,
     find_torch_python,
-    interleaved_medians,
-    machine_load,
     median_seconds,
     num_cores,
+    timed_rounds,
 )
 
 # name -> keyword arguments of mtl.<name>(...) (a callable of K where they depend on it)
@@ -163,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ours": jax_call(step, state, (x, y)),
         "ours solve": jitted_solve(build(method, largest), largest),
     }
-    torch, notes, withheld = None, [], "torchjd not run"
+    torch, notes = None, []
 
     def ratio(seconds, kind=""):
         return f"{seconds / steps[f'torchjd {kind}'.strip()]:.2f}×"
@@ -172,16 +169,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         arrays = dict(sizes=sizes, aggregator=torch_name, lr=1e-3, x=np.asarray(x), y=np.asarray(y))
         arrays["solve_matrix"] = np.asarray(solve_matrix(largest))
         torch = TorchProcess(torch_python, "multitask", arrays)
-        alone = torch.alone(args.steps)
-    load = machine_load()[0]
-    steps = interleaved_medians(calls, calls=args.steps, torch=torch)
-    if torch is not None:
-        torch.close()
+    steps, sanity, withheld = timed_rounds(calls, calls=args.steps, torch=torch)
+    if torch is None:
+        withheld = "torchjd not run"
+    else:
         steps["torchjd"] = steps.pop(f"torchjd {torch_name} step")
         steps["torchjd solve"] = steps.pop(f"torchjd {torch_name} solve")
-        sanity, withheld = cross_library_verdict(
-            steps[TORCH_PLAIN], alone, max(load, machine_load()[0])
-        )
         notes.append(sanity + (f" No cross-library ratio: {withheld}." if withheld else ""))
         notes.append(
             f"torchjd {torch_name} aggregator alone on the K = {largest} matrix: "

@@ -177,7 +177,7 @@ def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
     batch_np = make_batch(model, args.batch_size)
     fns = jax_functions(model, params_np, batch_np)
     memory = {name: peak_mb(fn) for name, (fn, _) in fns.items()}
-    torch_proc = gram_check = alone = None
+    torch_proc = gram_check = None
     if torch_python is not None:
         arrays = dict(model=model, lr=LR, x=batch_np[0], y=batch_np[1], **params_np)
         torch_proc = timing.TorchProcess(torch_python, "gram", arrays)
@@ -186,20 +186,17 @@ def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
         ours = np.asarray(fns["Gram (ours)"][0](*fns["Gram (ours)"][1])[1])
         theirs = np.load(theirs_path)
         gram_check = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(ours)))
-        alone = torch_proc.alone(args.calls)
-    load, load_line = timing.machine_load()
     calls = {
         name: (lambda fn=fn, a=a: jax.block_until_ready(fn(*a))) for name, (fn, a) in fns.items()
     }
-    medians = timing.interleaved_medians(calls, calls=args.calls, torch=torch_proc)
-    if torch_proc is not None:
-        torch_proc.close()
-    load = max(load, timing.machine_load()[0])  # the busier of before / after the rounds
+    medians, sanity, withheld = timing.timed_rounds(
+        calls, calls=args.calls, torch=torch_proc, jax_backend=jax.default_backend()
+    )
     return {
         "medians": medians,
         "memory": memory,
-        "alone": alone,
-        "load": load,
+        "sanity": sanity,
+        "withheld": withheld,
         "gram_check": gram_check,
         "torch_version": None if torch_proc is None else torch_proc.version,
         "backend": jax.default_backend(),
@@ -225,16 +222,13 @@ def table(model: str, out: dict[str, Any], args) -> tuple[str, list[str]]:
         tplain = med[timing.TORCH_PLAIN]
         for name in TORCH_ROWS:
             lines.append(f"| {name} | {1e3 * med[name]:.2f} | {med[name] / tplain:.2f} | – | – |")
-        sanity, withheld = timing.cross_library_verdict(
-            tplain, out["alone"], out["load"], jax_backend=out["backend"]
-        )
-        notes.append(sanity)
+        notes.append(out["sanity"])
         notes.append(
             f"PyTorch's Gram vs ours on the same parameters and batch: max relative difference "
             f"{out['gram_check']:.1e}."
         )
-        if withheld:
-            notes.append(f"No cross-library ratio: {withheld}.")
+        if out["withheld"]:
+            notes.append(f"No cross-library ratio: {out['withheld']}.")
         else:
             notes.append(
                 f"Ours / torchjd: Gram {med['Gram (ours)'] / med['torchjd Gram']:.2f}×, IWRM step "

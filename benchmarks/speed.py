@@ -71,12 +71,11 @@ from benchmarks.multimnist import encode, shared_mask  # same trunk/heads layout
 from benchmarks.timing import (
     TORCH_PLAIN,
     TorchProcess,
-    cross_library_verdict,
     find_torch_python,
     interleaved_medians,
-    machine_load,
     median_seconds,
     num_cores,
+    timed_rounds,
 )
 
 STRATEGIES = ("vmap", "map", "chunked")
@@ -369,13 +368,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if use_torch:  # the same model in PyTorch, in its own process (benchmarks/timing.py)
             arrays = dict(sizes=sizes, aggregator="MGDA", lr=1e-3, x=np.asarray(x), y=np.asarray(y))
             torch = TorchProcess(torch_python, "multitask", arrays)
-            torch_version, alone = torch.version, torch.alone(args.steps)
-        load = machine_load()[0]
-        row = interleaved_medians(calls, calls=args.steps, torch=torch)
-        if torch is not None:
-            torch.close()
-            load = max(load, machine_load()[0])
-            sanity, withheld[num_tasks] = cross_library_verdict(row[TORCH_PLAIN], alone, load)
+            torch_version = torch.version
+        row, sanity, withheld[num_tasks] = timed_rounds(calls, calls=args.steps, torch=torch)
+        if sanity is not None:
             reason = withheld[num_tasks]
             notes.append(f"K = {num_tasks}: {sanity}" + (f" No ratio: {reason}." if reason else ""))
         for name, seconds in row.items():

@@ -118,6 +118,33 @@ def cross_library_verdict(
     return line, None
 
 
+def timed_rounds(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    calls: int,
+    torch: TorchProcess | None = None,
+    jax_backend: str = "cpu",
+) -> tuple[dict[str, float], str | None, str | None]:
+    """``(medians, sanity line, why no cross-library ratio)`` of one benchmark's rounds.
+
+    With ``torch``: its plain step is timed alone first, then the interleaved rounds run
+    (:func:`interleaved_medians`), the worker is closed, and :func:`cross_library_verdict`
+    judges them with the busier load average of before and after. Without: the JAX
+    medians and ``None, None``.
+    """
+    if torch is None:
+        return interleaved_medians(fns, calls=calls), None, None
+    alone = torch.alone(calls)
+    load = machine_load()[0]
+    medians = interleaved_medians(fns, calls=calls, torch=torch)
+    torch.close()
+    load = max(load, machine_load()[0])
+    sanity, withheld = cross_library_verdict(
+        medians[TORCH_PLAIN], alone, load, jax_backend=jax_backend
+    )
+    return medians, sanity, withheld
+
+
 def find_torch_python(requested: str | None = None) -> str | None:
     """An interpreter with torch and torchjd: ``requested``, else ``$MTL_OPTAX_TORCH_PYTHON``,
     ``.venv-ref/bin/python``, this interpreter; None when none has them."""

@@ -32,7 +32,13 @@ class FakeTorch:
     """Answers ``round`` like the worker: one timing per PyTorch function."""
 
     def __init__(self):
-        self.rounds = 0
+        self.rounds, self.closed = 0, False
+
+    def alone(self, calls):
+        return 0.004  # the interleaved median below: a sane pair
+
+    def close(self):
+        self.closed = True
 
     def ask(self, command):
         assert command == "round"
@@ -51,3 +57,13 @@ def test_interleaved_medians_alternates_jax_and_torch_rounds():
     # medians over the timed rounds only (3, 4, 5 ms)
     assert out[timing.TORCH_PLAIN] == pytest.approx(0.004)
     assert out["torchjd step"] == 0.5 and set(out) == {"a", "b", timing.TORCH_PLAIN, "torchjd step"}
+
+
+def test_timed_rounds_judges_the_rounds_and_closes_the_worker(monkeypatch):
+    monkeypatch.setattr(timing, "machine_load", lambda: (0.0, "idle"))
+    torch = FakeTorch()
+    medians, sanity, withheld = timing.timed_rounds({"a": lambda: None}, calls=3, torch=torch)
+    assert torch.closed and withheld is None and "(1.00×)" in sanity
+    assert medians[timing.TORCH_PLAIN] == pytest.approx(0.004)
+    medians, sanity, withheld = timing.timed_rounds({"a": lambda: None}, calls=3)
+    assert set(medians) == {"a"} and sanity is None and withheld is None
