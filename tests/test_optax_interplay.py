@@ -1,6 +1,4 @@
-"""The README quick-start runs as written; aggregate composes with optax wrappers."""
-
-import pathlib
+"""aggregate composes with optax wrappers (the README quick-start runs in test_doc_snippets)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +7,6 @@ import optax
 
 import mtl_optax as mtl
 from tests import models
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _train(inner, steps):
