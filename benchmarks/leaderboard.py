@@ -33,7 +33,12 @@ over seeds at 5 % (:func:`benchmarks.leaderboard_summary.paired_comparison`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
+import itertools
+import multiprocessing
 import os
+import resource
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -49,7 +54,7 @@ from benchmarks import leaderboard_problems as problems
 from benchmarks.leaderboard_summary import delta_m, lr_scores, mean_ranks, paired_comparison
 from benchmarks.scale_disparity import over_seeds
 
-LR_GRID = (3e-4, 1e-3, 3e-3)
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 
 class Budget(NamedTuple):
@@ -374,32 +379,61 @@ def metric_matrix(problem: problems.Problem, per_seed: list[dict[str, float]]) -
     return np.array([[values[m.key] for m in problem.metrics] for values in per_seed])
 
 
-def select_lr(
-    problem: problems.Problem,
-    budget: Budget,
-    seeds: Sequence[int],
-    grid: Sequence[float],
-    *,
-    progress: bool = False,
-) -> tuple[float, dict[float, float], dict[float, Run]]:
-    """Equal weighting at every grid point, scored on validation (module doc's rule)."""
-    runs, val = {}, {}
-    for lr in grid:
-        runs[lr] = train_method(
-            problem,
-            METHODS[EQUAL],
-            lr,
-            budget,
-            seeds,
-            progress=progress,
-            desc=f"{problem.name}: lr {lr:g}",
+class Job(NamedTuple):
+    """One training run: ``method`` (or the single-task models) on one problem, every seed."""
+
+    problem: str
+    sizes: tuple[tuple[str, int], ...]  # the problem constructor's keyword arguments
+    method: str  # a key of METHODS, or SINGLE_TASK
+    lr: float
+    budget: Budget
+    seeds: tuple[int, ...]
+    validation: bool = False  # also score on the validation split (learning-rate selection)
+
+
+class Outcome(NamedTuple):
+    """What a job returns: per-seed test metrics, the (seeds, K) validation metrics of Δm
+    (``None`` unless asked), the training history, wall and CPU seconds."""
+
+    test: list[dict[str, float]]
+    val: np.ndarray | None
+    history: dict[str, np.ndarray]
+    wall: float
+    cpu: float
+
+
+@functools.cache
+def load_problem(name: str, sizes: tuple[tuple[str, int], ...]) -> problems.Problem:
+    """The problem, built once per process (its data splits are fixed)."""
+    return PROBLEMS[name](**dict(sizes))
+
+
+def run_job(job: Job, progress: bool = False) -> Outcome:
+    """Train one job and score it (runs in a worker process, or inline with one job)."""
+    problem = load_problem(job.problem, job.sizes)
+    single = job.method == SINGLE_TASK
+    desc = f"{problem.name}: {job.method}" + (f" (lr {job.lr:g})" if job.validation else "")
+    if single:
+        run = train_single_task(problem, job.lr, job.budget, job.seeds, progress=progress)
+    else:
+        method = METHODS[job.method]
+        run = train_method(
+            problem, method, job.lr, job.budget, job.seeds, progress=progress, desc=desc
         )
-        val[lr] = metric_matrix(problem, evaluate_run(problem, runs[lr].params, problem.val))
+    test = evaluate_run(problem, run.params, problem.test, single_task=single)
+    val = None
+    if job.validation:
+        val = metric_matrix(problem, evaluate_run(problem, run.params, problem.val))
+    return Outcome(test, val, run.history, run.wall, run.cpu)
+
+
+def choose_lr(problem: problems.Problem, val: dict[float, np.ndarray]) -> tuple[float, dict]:
+    """The module doc's rule on equal weighting's validation metrics at each grid point."""
+    grid = list(val)
     means = np.array([val[lr].mean(0) for lr in grid])  # (grid, K), mean over seeds
     hib = [m.higher_is_better for m in problem.metrics]
     scores = dict(zip(grid, map(float, lr_scores(means, hib))))
-    chosen = min(grid, key=lambda lr: scores[lr])
-    return chosen, scores, runs
+    return min(grid, key=lambda lr: scores[lr]), scores
 
 
 class ProblemResult(NamedTuple):
@@ -412,41 +446,99 @@ class ProblemResult(NamedTuple):
     seconds: dict[str, tuple[float, float]]  # method -> (wall, cpu)
 
 
-def run_problem(
-    name: str, methods: Sequence[str], budget: Budget, seeds: Sequence[int], args
+def problem_result(
+    problem: problems.Problem, lr: float, scores: dict, outcomes: dict[str, Outcome]
 ) -> ProblemResult:
-    """Learning-rate selection, single-task baselines and every method on one problem."""
-    problem = PROBLEMS[name](**budget.sizes)
-    progress = not args.no_progress
-    if args.lr is not None:
-        lr, scores, runs = args.lr, {}, {}
-    else:
-        lr, scores, runs = select_lr(problem, budget, seeds, LR_GRID, progress=progress)
-    test, histories, seconds = {}, {}, {}
-    single = train_single_task(problem, lr, budget, seeds, progress=progress)
-    test[SINGLE_TASK] = evaluate_run(problem, single.params, problem.test, single_task=True)
-    seconds[SINGLE_TASK] = (single.wall, single.cpu)
-    for method in methods:
-        if METHODS[method].min_tasks > problem.num_tasks:
-            continue
-        run = runs.get(lr) if method == EQUAL else None  # reuse the selection's run
-        if run is None:
-            run = train_method(
-                problem,
-                METHODS[method],
-                lr,
-                budget,
-                seeds,
-                progress=progress,
-                desc=f"{problem.name}: {method}",
-            )
-        test[method] = evaluate_run(problem, run.params, problem.test)
-        histories[method] = run.history
-        seconds[method] = (run.wall, run.cpu)
+    """Δm of every method (``outcomes`` in table order, single-task first) on one problem."""
+    test = {m: o.test for m, o in outcomes.items()}
+    histories = {m: o.history for m, o in outcomes.items() if m != SINGLE_TASK}
+    seconds = {m: (o.wall, o.cpu) for m, o in outcomes.items()}
     reference = metric_matrix(problem, test[SINGLE_TASK]).mean(0)
     hib = [m.higher_is_better for m in problem.metrics]
     delta = {m: delta_m(metric_matrix(problem, v), reference, hib) for m, v in test.items()}
     return ProblemResult(problem, lr, scores, test, delta, histories, seconds)
+
+
+class InlineExecutor(concurrent.futures.Executor):
+    """Runs each job as it is submitted, in this process (``--jobs 1``: progress bars)."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args, progress=self.progress, **kwargs))
+        return future
+
+
+def run_all(args, budgets: dict[str, Budget], seeds: Sequence[int]) -> list[ProblemResult]:
+    """Every problem: learning-rate selection, single-task models and every method.
+
+    The jobs run in ``args.jobs`` worker processes (compiling a training program is
+    single-threaded, so the workers keep every core busy). Every problem's selection runs
+    are queued first; a problem's methods are queued once its learning rate is known, the
+    slowest kind (tier 3) first.
+    """
+    seeds = tuple(seeds)
+    grid = [args.lr] if args.lr is not None else list(LR_GRID)
+
+    def jobs_of(name: str) -> dict[str, Any]:
+        sizes = tuple(sorted(budgets[name].sizes.items()))
+        return dict(problem=name, sizes=sizes, budget=budgets[name], seeds=seeds)
+
+    if args.jobs == 1:
+        pool = InlineExecutor(progress=not args.no_progress)
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of an initialised JAX
+        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context)
+    finished = itertools.count(1)
+
+    def submit(job: Job) -> concurrent.futures.Future:
+        future = pool.submit(run_job, job)
+        if args.jobs > 1 and not args.no_progress:
+
+            def report_done(f, job=job):
+                if f.exception() is None:
+                    lr = f" (lr {job.lr:g})" if job.validation else ""
+                    print(
+                        f"[{next(finished)}] {job.problem}: {job.method}{lr}, "
+                        f"{f.result().wall:.0f} s",
+                        flush=True,
+                    )
+
+            future.add_done_callback(report_done)
+        return future
+
+    with pool:
+        selection = {
+            name: {
+                lr: submit(Job(method=EQUAL, lr=lr, validation=True, **jobs_of(name)))
+                for lr in grid
+            }
+            for name in args.problems
+        }
+        chosen, queued = {}, {}
+        for name in args.problems:
+            problem = load_problem(name, jobs_of(name)["sizes"])
+            val = {lr: f.result().val for lr, f in selection[name].items()}
+            lr, scores = (args.lr, {}) if args.lr is not None else choose_lr(problem, val)
+            chosen[name] = (problem, lr, scores)
+            methods = [m for m in args.methods if METHODS[m].min_tasks <= problem.num_tasks]
+            slowest_first = lambda m: m != SINGLE_TASK and METHODS[m].tier != "3"
+            order = sorted([SINGLE_TASK, *methods], key=slowest_first)
+            queued[name] = {
+                m: selection[name][lr]
+                if m == EQUAL
+                else submit(Job(method=m, lr=lr, **jobs_of(name)))
+                for m in order
+            }
+        results = []
+        for name in args.problems:
+            problem, lr, scores = chosen[name]
+            order = [SINGLE_TASK, *(m for m in args.methods if m in queued[name])]
+            outcomes = {m: queued[name][m].result() for m in order}
+            results.append(problem_result(problem, lr, scores, outcomes))
+    return results
 
 
 # --------------------------------------------------------------------------- reporting
@@ -580,6 +672,12 @@ def parse_args(argv: Sequence[str] | None):
         "--out", default=None, help="results folder ('' writes nothing; default: results/)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(os.cpu_count() or 1, 4),
+        help="worker processes (default: the CPU cores, at most 4); 1 runs in this process",
+    )
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -588,6 +686,8 @@ def parse_args(argv: Sequence[str] | None):
         args.methods.insert(0, EQUAL)  # the reference of every comparison
     if args.seeds < 2:
         parser.error("--seeds must be at least 2 (the noise rule compares seeds)")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     return args
 
 
@@ -640,7 +740,8 @@ def report(results: Sequence[ProblemResult], args, budgets, timing: dict, findin
     parts = [
         "# Multi-task leaderboard: every method against single-task models",
         f"{args.seeds} seeds; {config}. Wall time {timing['wall']:.0f} s, CPU time "
-        f"{timing['cpu']:.0f} s (all threads), {os.cpu_count()} CPU cores, load average "
+        f"{timing['cpu']:.0f} s (all processes and threads), {timing['jobs']} worker processes "
+        f"on {os.cpu_count()} CPU cores, load average "
         f"(1 min) before / after {load} (JAX {jax.__version__}, {jax.default_backend()})."
         + (f" {timing['note']}" if timing.get("note") else ""),
         "Δm % (Maninis et al., 2019) is the mean over tasks of the relative difference to "
@@ -668,21 +769,26 @@ def report(results: Sequence[ProblemResult], args, budgets, timing: dict, findin
     return "\n\n".join(parts) + "\n"
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's ended child processes (the workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the leaderboard and write its results; returns them (for tests)."""
     from pathlib import Path
 
     args = parse_args(argv)
     budgets = FULL if args.full else SMOKE if args.smoke else DEFAULT
-    seeds = list(range(args.seeds))
     load_before, clock, cpu = os.getloadavg()[0], common.Stopwatch(), time.process_time()
-    results = [
-        run_problem(name, args.methods, budgets[name], seeds, args) for name in args.problems
-    ]
+    workers = children_cpu()
+    results = run_all(args, budgets, range(args.seeds))
     timing = {
         "wall": clock(),
-        "cpu": time.process_time() - cpu,
+        "cpu": time.process_time() - cpu + children_cpu() - workers,  # the pool has ended
         "load": (load_before, os.getloadavg()[0]),
+        "jobs": args.jobs,
     }
     summary, ranks = summary_table(results)
     print(summary)

@@ -148,9 +148,10 @@ SMOKE_METHODS = {
 def test_smoke_run_trains(name, tmp_path):
     methods = SMOKE_METHODS[name]
     write = name == "yeast"  # the report and plots once (they are problem-independent code)
+    jobs = "2" if write else "1"  # the worker pool once, in-process runs otherwise
     out = lb.main(
         ["--smoke", "--no-progress", "--seeds", "2", "--lr", "3e-3", "--problems", name,
-         "--methods", *methods, "--out", str(tmp_path) if write else ""]
+         "--methods", *methods, "--jobs", jobs, "--out", str(tmp_path) if write else ""]
     )  # fmt: skip
     (result,) = out["results"]
     problem, steps = result.problem, lb.SMOKE[name].steps
