@@ -13,11 +13,13 @@ of K scalars whose keys name the tasks (in dict order).
 * :func:`value_and_grad` (tier 1, and tier 3 with bounded memory): the weights first, then
   the update from one or two backward passes; a Gram weighting gets the exact Gram of the
   shared leaves column by column (K backward and K forward-mode passes), never the stacked
-  Jacobian.
+  Jacobian, or (``gram="structured"``, ``"auto"``) from the structured engine's layer
+  operands, which also give the update.
 
 Checked in ``tests/test_jacobian.py``: every strategy equals ``jax.jacrev`` and the per-task
 ``jax.grad``; ``value_and_grad`` equals ``value_and_jacobian`` + ``aggregate`` for every
-weighting in ``tests/zoo.py``.
+weighting in ``tests/zoo.py``; ``gram="structured"`` equals
+the columns and tier 3 in ``tests/test_structured_task_gram.py``.
 """
 
 from __future__ import annotations
