@@ -308,6 +308,16 @@ def test_bad_gram_values_raise_naming_the_option():
     assert GRAMS == ("columns", "structured", "auto")
 
 
+def test_a_weighting_without_a_gram_ignores_the_option():
+    """FAMO reads the losses only: one backward pass of the weighted loss, whatever ``gram``."""
+    task_losses, params, batch = mlp_problem(np.float32)
+    programs = set()
+    for gram in GRAMS:
+        grad_fn = mtl.value_and_grad(task_losses, mtl.famo(), tasks=K, shared=SHARED, gram=gram)
+        programs.add(str(jax.make_jaxpr(grad_fn)(params, batch, grad_fn.init(params))))
+    assert len(programs) == 1
+
+
 def test_a_user_error_under_structured_is_the_users_own():
     """An error of task_losses_fn itself is not dressed as an engine refusal."""
     _, params, batch = mlp_problem(np.float32)
