@@ -206,7 +206,7 @@ def structured_task_gram(losses_of, leaves, batch, mask, config: WholeModelConfi
     shared = [k for k, m in enumerate(mask) if m]
     if config.gram == "auto":
         ghost, materialize = plan.ghost_costs(shared)
-        if not ghost < materialize:
+        if ghost >= materialize:
             return None
     losses, rest, gram, combine = plan.compute(inputs, treedef, gram_leaves=shared)
     return losses, gram, combine, jax.tree_util.tree_unflatten(aux_tree, rest)
