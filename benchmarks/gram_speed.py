@@ -24,6 +24,13 @@ for with ``block_until_ready``:
   mean weights, then ``losses.backward(weights)`` as in torchjd's documented recipe: a
   second backward pass).
 
+A second table times the multi-task K x K task Gram (``--tasks`` K = 4 linear heads on an
+MLP 784 → width → width, per-task mean squared error, MGDA): one whole
+``mtl.value_and_grad`` step with ``gram="columns"`` (K backward and K forward-mode passes)
+against ``gram="structured"`` (the engine's task Gram and ``combine(w)``), at a small batch
+with wide layers (8, width 1024) and a large batch with narrow layers (1024, width 32),
+with the path ``gram="auto"`` takes on each.
+
 Timing (``benchmarks/timing.py``, shared by every speed benchmark): after 2 warm-up rounds,
 ``--calls`` rounds call every JAX function once and then ask the PyTorch process for one
 call of each of its functions, so load changes hit both alike; the table gives medians and
@@ -51,6 +58,9 @@ MODELS = ("mlp", "cnn")
 LR = 0.01
 JAX_ROWS = ("plain step", "Gram (ours)", "Gram (vmap(grad))", "IWRM step (ours)")
 TORCH_ROWS = ("torch plain step", "torchjd Gram", "torchjd IWRM step")  # timing.py's "gram"
+TASK_ROWS = ("columns", "structured")  # value_and_grad(gram=...) of the task-Gram table
+TASK_SHAPES = {"small batch, wide layers": (8, 1024), "large batch, narrow layers": (1024, 32)}
+SMOKE_TASK_SHAPES = {"small batch, wide layers": (2, 64), "large batch, narrow layers": (64, 4)}
 
 
 # --------------------------------------------------------------------------- shared setup
@@ -169,6 +179,80 @@ def jax_device() -> str:
     return f"JAX {jax.__version__} on {jax.default_backend()} ({device.device_kind})"
 
 
+def task_gram_functions(batch_size: int, width: int, tasks: int):
+    """``gram`` -> (compiled ``value_and_grad`` MGDA step, its arguments), and the path
+    ``gram="auto"`` takes (its program is that path's)."""
+    import jax
+    import jax.numpy as jnp
+
+    import mtl_optax as mtl
+
+    rng = np.random.default_rng(2)
+    params_np = init_params("mlp", width)
+    params = {k: jnp.asarray(v) for k, v in params_np.items() if k not in ("w2", "b2")}
+    params["heads"] = jnp.asarray(rng.standard_normal((width, tasks)) / np.sqrt(width))
+    x = jnp.asarray(rng.random((batch_size, 784), dtype=np.float32))
+    y = jnp.asarray(rng.standard_normal((batch_size, tasks)).astype(np.float32))
+    shared = {k: k != "heads" for k in params}
+
+    def task_losses(p, batch):
+        h = jax.nn.relu(batch[0] @ p["w0"] + p["b0"])
+        h = jax.nn.relu(h @ p["w1"] + p["b1"])
+        return jnp.mean((h @ p["heads"] - batch[1]) ** 2, axis=0)
+
+    programs, fns = {}, {}
+    for gram in (*TASK_ROWS, "auto"):
+        grad_fn = mtl.value_and_grad(task_losses, mtl.mgda(), tasks=tasks, shared=shared, gram=gram)
+        args = (params, (x, y), grad_fn.init(params))
+        programs[gram] = str(jax.make_jaxpr(grad_fn)(*args))
+        if gram in TASK_ROWS:
+            fns[gram] = (jax.jit(grad_fn).lower(*args).compile(), args)
+    auto = next((g for g in TASK_ROWS if programs[g] == programs["auto"]), "neither")
+    return fns, auto
+
+
+def run_task_gram(args) -> dict[str, Any]:
+    """Medians, peak memory and auto's choice per shape of the task-Gram table."""
+    import jax
+
+    out = {}
+    shapes = SMOKE_TASK_SHAPES if args.smoke else TASK_SHAPES
+    for shape, (batch_size, width) in shapes.items():
+        fns, auto = task_gram_functions(batch_size, width, args.tasks)
+        calls = {
+            name: (lambda fn=fn, a=a: jax.block_until_ready(fn(*a)))
+            for name, (fn, a) in fns.items()
+        }
+        medians, _, _ = timing.timed_rounds(calls, calls=args.calls)
+        memory = {name: peak_mb(fn) for name, (fn, _) in fns.items()}
+        out[shape] = {
+            "batch": batch_size,
+            "width": width,
+            "medians": medians,
+            "memory": memory,
+            "auto": auto,
+        }
+    return out
+
+
+def task_table(results: dict[str, Any], args) -> str:
+    lines = [
+        f"### K × K task Gram, K = {args.tasks}: value_and_grad(gram=...) MGDA step",
+        "",
+        "| shape | batch | width | columns (ms) | structured (ms) | structured / columns "
+        "| peak MB columns / structured | auto takes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, r in results.items():
+        med, mem = r["medians"], r["memory"]
+        lines.append(
+            f"| {shape} | {r['batch']} | {r['width']} | {1e3 * med['columns']:.2f} | "
+            f"{1e3 * med['structured']:.2f} | {med['structured'] / med['columns']:.2f} | "
+            f"{mem['columns']:.1f} / {mem['structured']:.1f} | {r['auto']} |"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- benchmark
 def run_model(model: str, args, torch_python: str | None) -> dict[str, Any]:
     import jax
@@ -247,6 +331,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=int, default=512, help="MLP hidden width")
     parser.add_argument("--calls", type=int, default=20, help="timed rounds")
+    parser.add_argument("--tasks", type=int, default=4, help="K of the task-Gram table")
     parser.add_argument("--torch-python", default=None, help="interpreter with torch, torchjd")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", default=None, help="folder for gram_speed_<backend>.md")
@@ -259,7 +344,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"text": markdown, "results": {model: ...}}``."""
+    """Run the benchmark; returns ``{"text": markdown, "results": {model: ...}, "task_gram":
+    {shape: ...}}``."""
     args = parse_args(argv)
     clock = common.Stopwatch()
     torch_python = None if args.no_torch else timing.find_torch_python(args.torch_python)
@@ -269,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         text, notes = table(model, results[model], args)
         sections.append(text + "\n\n" + "\n".join(f"* {n}" for n in notes))
         print(sections[-1], flush=True)
+    task_gram = run_task_gram(args)
+    sections.append(task_table(task_gram, args))
+    print(sections[-1], flush=True)
     torch_line = (
         f"PyTorch {results[args.models[0]]['torch_version']} (CPU) in its own process"
         if torch_python
@@ -283,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name = f"gram_speed_{results[args.models[0]]['backend']}"
     for path in common.write_results(args.out, name, text, smoke=args.smoke):
         print(f"wrote {path}")
-    return {"text": text, "results": results}
+    return {"text": text, "results": results, "task_gram": task_gram}
 
 
 if __name__ == "__main__":

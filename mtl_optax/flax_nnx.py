@@ -208,15 +208,18 @@ def value_and_grad(
     tasks: int | tuple[str, ...] | list[str],
     shared: Any,
     wrt: Any = nnx.Param,
+    gram: str = "columns",
     chunk_size: int | None = None,
 ) -> WeightedGradFunction:
     """:func:`mtl_optax.value_and_grad` for ``loss_fn(model, batch) -> losses``.
 
     ``grad_fn.init(model) -> state``; ``grad_fn(model, batch, state) -> (losses, grads,
     state)`` with ``grads`` shaped like ``nnx.state(model, wrt)``. ``shared`` is a mask over
-    ``nnx.state(model, wrt)`` (or a callable of it), as in :func:`mtl_optax.aggregate`.
+    ``nnx.state(model, wrt)`` (or a callable of it), as in :func:`mtl_optax.aggregate`;
+    ``gram`` (``"columns"``, ``"structured"`` or ``"auto"``) and ``chunk_size`` as in
+    :func:`mtl_optax.value_and_grad`.
     """
-    config = _whole.whole_model_config(method, tasks, shared, chunk_size)
+    config = _whole.whole_model_config(method, tasks, shared, gram, chunk_size)
 
     def step(model, batch, weighting_state, **extra):
         _check_model(model, "value_and_grad")

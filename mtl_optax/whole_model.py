@@ -13,11 +13,13 @@ of K scalars whose keys name the tasks (in dict order).
 * :func:`value_and_grad` (tier 1, and tier 3 with bounded memory): the weights first, then
   the update from one or two backward passes; a Gram weighting gets the exact Gram of the
   shared leaves column by column (K backward and K forward-mode passes), never the stacked
-  Jacobian.
+  Jacobian, or (``gram="structured"``, ``"auto"``) from the structured engine's layer
+  operands, which also give the update.
 
 Checked in ``tests/test_jacobian.py``: every strategy equals ``jax.jacrev`` and the per-task
 ``jax.grad``; ``value_and_grad`` equals ``value_and_jacobian`` + ``aggregate`` for every
-weighting in ``tests/zoo.py``.
+weighting in ``tests/zoo.py``; ``gram="structured"`` equals
+the columns and tier 3 in ``tests/test_structured_task_gram.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 from mtl_optax.aggregate import check_shared_argument, resolve_mask
 from mtl_optax.gram import apply_weighting, linear_gram
 from mtl_optax.state import check_tasks
+from mtl_optax.structured_gram import engine
 from mtl_optax.task_gradients import (
     TaskGradients,
     basis,
@@ -133,6 +136,9 @@ def value_and_jacobian(
     return wrapped
 
 
+GRAMS = ("columns", "structured", "auto")
+
+
 class WholeModelConfig(NamedTuple):
     """The validated arguments of :func:`value_and_grad`."""
 
@@ -140,10 +146,22 @@ class WholeModelConfig(NamedTuple):
     num_tasks: int
     task_names: tuple[str, ...] | None
     shared: Any
+    gram: str
     chunk_size: int | None
 
 
-def whole_model_config(method, tasks, shared, chunk_size, entry="value_and_grad"):
+def check_gram_option(gram: Any) -> None:
+    """Validate the whole model's ``gram`` (construction time)."""
+    if not isinstance(gram, str):
+        raise TypeError(
+            f"`gram` must be one of the strings {GRAMS}, got {gram!r} "
+            f"({type(gram).__name__}), e.g. gram='structured'."
+        )
+    if gram not in GRAMS:
+        raise ValueError(f"`gram` must be one of {GRAMS}, got {gram!r}.")
+
+
+def whole_model_config(method, tasks, shared, gram, chunk_size, entry="value_and_grad"):
     weighting = check_weighting_method(method, entry, "value_and_jacobian")
     num_tasks, task_names = check_tasks(tasks)
     check_shared_argument(shared)
@@ -153,11 +171,45 @@ def whole_model_config(method, tasks, shared, chunk_size, entry="value_and_grad"
             "bools or a callable params -> mask; heads False), or shared=True if every leaf "
             "is. For an encoder/heads model, mtl.split_value_and_grad knows it."
         )
+    check_gram_option(gram)
     if chunk_size is not None and (
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-    return WholeModelConfig(weighting, num_tasks, task_names, shared, chunk_size)
+    return WholeModelConfig(weighting, num_tasks, task_names, shared, gram, chunk_size)
+
+
+def structured_task_gram(losses_of, leaves, batch, mask, config: WholeModelConfig, traced):
+    """``(losses, Gram of the shared leaves, combine, carry)`` from the structured engine, or
+    ``None`` where ``gram="auto"`` takes the columns (the engine rejects the model, or its
+    cost model prefers them); ``traced`` is non-empty once ``losses_of`` has run."""
+    try:
+        plan, inputs, treedef, aux_tree = engine.prepare(
+            losses_of,
+            leaves,
+            (batch,),
+            {},
+            batch_dim=None,
+            has_aux=True,
+            strategy="auto",
+            chunk_size=config.chunk_size,
+        )
+    except (TypeError, ValueError) as error:
+        if not traced:  # task_losses_fn itself failed: the columns would fail alike
+            raise
+        if config.gram == "auto":
+            return None
+        raise ValueError(
+            f"value_and_grad(gram='structured'): the structured Gram cannot take this model: "
+            f"{error} Use gram='columns' (or gram='auto', which falls back to it)."
+        ) from error
+    shared = [k for k, m in enumerate(mask) if m]
+    if config.gram == "auto":
+        ghost, materialize = plan.ghost_costs(shared)
+        if ghost >= materialize:
+            return None
+    losses, rest, gram, combine = plan.compute(inputs, treedef, gram_leaves=shared)
+    return losses, gram, combine, jax.tree_util.tree_unflatten(aux_tree, rest)
 
 
 def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighting_state, **extra):
@@ -169,14 +221,22 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
     leaves, treedef = jax.tree_util.tree_flatten(params)
     names = []
 
-    def losses_of(xs):
-        out, carry = losses_fn(jax.tree_util.tree_unflatten(treedef, xs), batch)
+    def losses_of(xs, b):
+        out, carry = losses_fn(jax.tree_util.tree_unflatten(treedef, xs), b)
         losses, found = as_losses(out, "task_losses_fn")
         names.append(found)
         return losses, carry
 
-    if weighting.needs_gram:
-        losses, jvp, carry = jax.linearize(losses_of, leaves, has_aux=True)
+    diagonal = weighting.needs_gram == "diagonal"
+    structured = None
+    if weighting.needs_gram and config.gram != "columns":
+        structured = structured_task_gram(losses_of, leaves, batch, mask, config, names)
+    if structured is not None:
+        losses, gram, vjp, carry = structured
+        gram = jnp.diag(jnp.diag(gram)) if diagonal else gram
+        weights, state = weighting.update(gram, losses, weighting_state, **extra)
+    elif weighting.needs_gram:
+        losses, jvp, carry = jax.linearize(lambda xs: losses_of(xs, batch), leaves, has_aux=True)
         transpose = jax.linear_transpose(jvp, leaves)
 
         def vjp(c):
@@ -194,7 +254,7 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
                 vjp_shared,
                 jvp_shared,
                 basis(losses),
-                diagonal_only=weighting.needs_gram == "diagonal",
+                diagonal_only=diagonal,
                 chunk_size=config.chunk_size,
                 exponent=0,
             )
@@ -204,14 +264,14 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
                 vjp_shared,
                 jvp_shared,
                 basis(losses),
-                diagonal_only=weighting.needs_gram == "diagonal",
+                diagonal_only=diagonal,
                 chunk_size=config.chunk_size,
             )
             weights, state = apply_weighting(
                 weighting, gram, losses, weighting_state, log2_scale=2 * exponent, **extra
             )
     else:
-        losses, vjp_fn, carry = jax.vjp(losses_of, leaves, has_aux=True)
+        losses, vjp_fn, carry = jax.vjp(lambda xs: losses_of(xs, batch), leaves, has_aux=True)
 
         def vjp(c):
             return vjp_fn(c)[0]
@@ -236,6 +296,7 @@ def value_and_grad(
     *,
     tasks: int | tuple[str, ...] | list[str],
     shared: Any | Callable | bool | None = None,
+    gram: str = "columns",
     chunk_size: int | None = None,
 ) -> WeightedGradFunction:
     """Tier 1 (and bounded-memory tier 3) for a whole model: one weighted update per step.
@@ -246,11 +307,36 @@ def value_and_grad(
     ``grads`` is shaped like ``params`` and feeds any optax optimizer.
 
     A weighting that reads no Gram gets its weights from the losses, then one backward pass
-    of ``Σ_i w_i L_i``. A Gram weighting gets the exact Gram of the ``shared`` leaves from K
-    backward and K forward-mode passes (``chunk_size`` columns at a time), never holding the K
-    gradients, then the update: the same weights and update as
-    :func:`value_and_jacobian` + :func:`mtl_optax.aggregate`, in O(parameters) memory. The
-    heads (non-shared leaves) follow the head rule of ``aggregate``.
+    of ``Σ_i w_i L_i`` (``gram`` is then ignored). A Gram weighting gets the exact K × K Gram
+    of the ``shared`` leaves, then the update: the same weights and update as
+    :func:`value_and_jacobian` + :func:`mtl_optax.aggregate`. The heads (non-shared leaves)
+    follow the head rule of ``aggregate``. ``gram`` says how the Gram is obtained:
+
+    * ``"columns"`` (default): column by column, from K backward and K forward-mode passes
+      (``chunk_size`` columns at a time), never holding the K gradients: O(parameters)
+      memory; the update is one more backward pass.
+    * ``"structured"``: by the structured engine (``batch_dim=None`` of
+      :func:`mtl_optax.structured_gram.value_gram_and_combine`) from the stored layer
+      inputs ``X`` and the K output cotangents ``Δ_i`` of every layer (K backward passes
+      that compute no weight gradients): a dense / convolution / embedding weight adds
+      ``Σ_{b,c} (X Xᵀ)_{bc} (Δ_i Δ_jᵀ)_{bc}`` (the ghost term) or its K per-task gradients,
+      whichever costs less, any other use of a shared parameter its K per-task gradients;
+      the update ``Σ_i w_i ∇L_i`` comes from the same operands (``combine(w)``, no further
+      backward pass). Memory: the layer inputs and K cotangents of every layer. Cheaper
+      than the columns for small batches and wide layers. A model the engine rejects
+      (losses that do not depend on the ``batch`` argument) raises a ``ValueError`` naming
+      ``gram="columns"``. The Gram is not rescaled by powers of two: in float32, gradient
+      norms beyond about 1e19 (or below 1e-19) overflow (underflow), which the columns
+      avoid.
+    * ``"auto"``: ``"structured"`` where its cost model says the ghost term pays, else
+      ``"columns"`` (also where the engine rejects the model). For each shared weight the
+      ghost term can serve (a dense / convolution / embedding weight used once), with N rows
+      entering the layer (batch × positions), X inputs and Y outputs per block, H blocks
+      and K tasks, the ghost term costs ``H·N²·X + K·H·N²·Y + K²·H·N·Y`` multiply-adds and
+      the per-task gradients ``K·H·N·X·Y + K²·|θ|``; ``"auto"`` is ``"structured"`` when
+      the first sum is below the second over those weights. Otherwise the engine would
+      hold K gradients of every layer (the memory the columns avoid) for at most the
+      forward-mode passes it saves.
 
     Args:
       task_losses_fn: ``task_losses_fn(params, batch)`` (``batch`` any pytree).
@@ -258,7 +344,9 @@ def value_and_grad(
       tasks: the number of tasks K, or their names (checked against a dict of losses).
       shared: which leaves are shared, as in :func:`mtl_optax.aggregate` (required: the
         whole model does not say).
-      chunk_size: Gram columns per batch (``None``: one by one).
+      gram: ``"columns"``, ``"structured"`` or ``"auto"`` (above).
+      chunk_size: Gram columns (``"structured"``: task backward passes) per batch
+        (``None``: one by one; ``"structured"``: vmapped on accelerators).
 
     Example::
 
@@ -266,7 +354,7 @@ def value_and_grad(
         state = grad_fn.init(params)
         losses, grads, state = grad_fn(params, batch, state)
     """
-    config = whole_model_config(method, tasks, shared, chunk_size)
+    config = whole_model_config(method, tasks, shared, gram, chunk_size)
 
     def step(params, batch, weighting_state, **extra):
         return whole_model_step(

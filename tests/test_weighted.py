@@ -31,13 +31,24 @@ def test_tier1_grads_equal_grad_of_weighted_sum():
     np.testing.assert_allclose(mtl.task_weights(state), [0.5, 2.0, 1.0])
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in zoo.WEIGHTINGS.items() if m(K).needs_gram))
-def test_bounded_whole_model_equals_value_and_jacobian_plus_aggregate(name):
-    """A Gram weighting gets the exact Gram of the shared leaves without the Jacobian."""
+GRAM_WEIGHTINGS = sorted(n for n, m in zoo.WEIGHTINGS.items() if m(K).needs_gram)
+# One weighting of each way the structured path can differ from the columns: diagonal-only
+# Gram, heads scaled by w, homogeneity None (no rescaling) or ≠ 0, solver warm start, random
+# and smoothing state. The solvers themselves are the same code on both paths.
+STRUCTURED = ("gradient_normalized", "gradnorm", "mgda", "nash_mtl", "modo", "pcgrad", "cr_mogm")
+
+
+@pytest.mark.parametrize(
+    "name, gram",
+    [(n, "columns") for n in GRAM_WEIGHTINGS] + [(n, "structured") for n in STRUCTURED],
+)
+def test_bounded_whole_model_equals_value_and_jacobian_plus_aggregate(name, gram):
+    """A Gram weighting gets the exact Gram of the shared leaves without the Jacobian, column
+    by column or from the structured engine."""
     params, batch = setup(2)
     weighting = zoo.WEIGHTINGS[name](K)
     grad_fn = mtl.value_and_grad(
-        models.task_losses, weighting, tasks=K, shared=models.SHARED, chunk_size=2
+        models.task_losses, weighting, tasks=K, shared=models.SHARED, gram=gram, chunk_size=2
     )
     _, grads, state = jax.jit(grad_fn)(params, batch, grad_fn.init(params))
     losses, task_grads = mtl.value_and_jacobian(models.task_losses)(params, batch)

@@ -50,7 +50,9 @@ With ``batch_dim=None`` the function returns K task losses of any computation (e
 may interact) and the engine runs K backward passes (vmapped on accelerators, one after
 another on CPU) of the probes, then ``G_ij = Σ_uses ⟨A Aᵀ, Δ_i Δ_jᵀ⟩`` — cheaper than
 stacking the K gradients when the batch is small and the layers wide — or the per-task
-gradient of each use, whichever costs less.
+gradient of each use, whichever costs less. ``mtl.value_and_grad(..., gram="structured")``
+(or ``"auto"``) runs this on a whole model's task losses: the Gram of its shared leaves only,
+the update from ``combine``, the heads by the head rule.
 
 Checked in ``tests/test_structured_gram.py``: equal to the Gram of ``jax.vmap(jax.grad)``
 (float32 within 1e-5 relative, float64 within 1e-12) on an MLP, a CNN, a transformer block

@@ -372,6 +372,14 @@ class _Engine:
         """Pairs (i, j, swapped) of the leaf's uses for a ghost Gram, or None to materialise."""
         if self.strategy == "materialize":
             return None
+        pairs = self._ghost_pairs(leaf, uses)
+        if pairs is None or self.strategy == "ghost":
+            return pairs
+        cheaper = self._ghost_cost(uses, pairs) <= self._materialize_cost(uses, self._size(leaf))
+        return pairs if cheaper else None
+
+    def _ghost_pairs(self, leaf: int, uses: list[Use]) -> list[tuple[int, int, bool]] | None:
+        """The pairs of uses a ghost Gram of the leaf sums, or None where it has none."""
         if any(u.structure is None or u.view is None or u.deps != {leaf} for u in uses):
             return None
         if self.tasks and len(uses) > 1:
@@ -391,12 +399,23 @@ class _Engine:
                     pairs.append((i, j, True))
                 else:
                     return None
-        if self.strategy == "ghost":
-            return pairs
-        size = int(np.prod(self.program.shape(self.program.inputs[leaf])))
-        return (
-            pairs if self._ghost_cost(uses, pairs) <= self._materialize_cost(uses, size) else None
-        )
+        return pairs
+
+    def ghost_costs(self, leaves) -> tuple[float, float]:
+        """``(ghost, materialize)``: multiply-adds of the ghost term and of materialised
+        per-row gradients, summed over those of ``leaves`` (indices) that admit the ghost
+        term (the two costs ``strategy="auto"`` compares leaf by leaf)."""
+        ghost = materialize = 0.0
+        for leaf in leaves:
+            uses = [u for u in self.uses if leaf in u.deps]
+            pairs = self._ghost_pairs(leaf, uses) if uses else None
+            if pairs is not None:
+                ghost += self._ghost_cost(uses, pairs)
+                materialize += self._materialize_cost(uses, self._size(leaf))
+        return ghost, materialize
+
+    def _size(self, leaf: int) -> int:
+        return int(np.prod(self.program.shape(self.program.inputs[leaf])))
 
     def _rows(self, st: layers.Structure) -> tuple[int, int]:
         """(examples or 1, rows per example or N)."""
@@ -430,7 +449,9 @@ class _Engine:
         return rows + k * k * size
 
     # ------------------------------------------------------------------ evaluation
-    def compute(self, inputs, treedef):
+    def compute(self, inputs, treedef, gram_leaves=None):
+        """``(losses, aux outputs, gram, combine)``; the Gram sums the leaves ``gram_leaves``
+        (indices; None: every leaf), ``combine`` covers every leaf."""
         program = self.program
         probes = [(m.index, k) for m in self.meets for k in m.probed]
         zeros = [
@@ -464,7 +485,7 @@ class _Engine:
         else:
             deltas = vjp(jnp.ones_like(losses))[0]
         state = _State(self, inputs, values, {p: deltas[n] for p, n in slot.items()}, losses)
-        gram = state.gram()
+        gram = state.gram(range(self.n_leaves) if gram_leaves is None else gram_leaves)
         return losses, rest, gram, state.combine_fn(treedef)
 
 
@@ -489,10 +510,10 @@ class _State:
         return [self.deltas.get((meet.index, k)) for k in range(len(op.outs))]
 
     # ------------------------------------------------------------------ Gram
-    def gram(self) -> jax.Array:
+    def gram(self, leaves) -> jax.Array:
         e = self.e
         gram = jnp.zeros((self.rows, self.rows), self.dtype)
-        for leaf in range(e.n_leaves):
+        for leaf in leaves:
             uses = [u for u in e.uses if leaf in u.deps]
             if not uses:
                 continue

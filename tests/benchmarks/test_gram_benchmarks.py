@@ -20,6 +20,15 @@ def test_gram_speed_smoke():
             assert medians[row] > 0 and memory[row] > 0, (model, row)
         assert not any(row in medians for row in gram_speed.TORCH_ROWS)
     assert "PyTorch not run" in out["text"]
+    task_gram = out["task_gram"]
+    assert list(task_gram) == list(gram_speed.SMOKE_TASK_SHAPES)
+    for shape, r in task_gram.items():
+        for row in gram_speed.TASK_ROWS:
+            assert r["medians"][row] > 0 and r["memory"][row] > 0, (shape, row)
+    # gram="auto" as its cost model says: the ghost term pays at a small batch of wide layers
+    assert task_gram["small batch, wide layers"]["auto"] == "structured"
+    assert task_gram["large batch, narrow layers"]["auto"] == "columns"
+    assert "structured / columns" in out["text"]
 
 
 def test_iwrm_smoke():
