@@ -303,21 +303,7 @@ def conflicts(jacs, u, weights):
     return np.min(np.einsum("bkd,bd->bk", g, u) + tol, axis=1)
 
 
-# Known gaps, open: each fails today and must start passing (strict) when fixed.
-KNOWN_FAILURES = {
-    "modo": "K = 2: non-finite weights on one adversarial family",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
-        if n in KNOWN_FAILURES
-        else n
-        for n in zoo.WEIGHTINGS
-    ],
-)
+@pytest.mark.parametrize("name", list(zoo.WEIGHTINGS))
 def test_float32_matches_float64_and_keeps_its_properties(name):
     claims = PROPERTIES[name]
     for k in KS if name != "krum" else KS[1:]:  # krum needs K >= n_byzantine + 3

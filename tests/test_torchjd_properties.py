@@ -179,8 +179,16 @@ AGGREGATORS = {
         {
             "non_conflicting": ("typical", 4e-4, 4e-4),
             "permutation": ("typical", 5e-7, 5e-7),
-            "linear": ("typical", 6e-2, 6e-2),
             "stationary": ("non_strong", 5e-3),
+        },
+    ),
+    # torchjd's linearity assert for UPGrad, on the draws that follow the permutation draws
+    "UPGrad_linear": (
+        lambda k: mtl.upgrad(),
+        {
+            "structure": None,
+            "permutation": ("typical", 5e-7, 5e-7),
+            "linear": ("typical", 6e-2, 6e-2),
         },
     ),
 }
@@ -242,9 +250,12 @@ def close(actual, expected, atol, rtol):
 
 # Known gaps, open: each fails today and must start passing (strict) when fixed.
 KNOWN_FAILURES = {
-    "UPGrad": "linear under scaling fails for one of torchjd's typical matrices at its 6e-2 "
-    "tolerance (the float32 dual-cone solve; torchjd solves the QP in float64); permutation "
-    "9e-7 against 5e-7",
+    "UPGrad_linear": "not a float32 gap: draw 26 (the normal 4 x 3 rank-2 matrix, c2 = 0.0022 "
+    "on one row) misses 6e-2 + 6e-2|.| = 0.0678 by 0.0717 in exact arithmetic too (float64 "
+    "Gram and solve: 0.07171; torchjd's float32 normalised Gram solved in float64 by SLSQP: "
+    "0.07171): the reg_eps I ridge on G/tr(G) makes UPGrad only approximately linear, and this "
+    "draw is past torchjd's tolerance (the same check without the preceding permutation draws "
+    "passes at 0.40 of it)",
 }
 
 

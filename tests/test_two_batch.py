@@ -23,6 +23,12 @@ def test_simplex_projection():
     for _ in range(5):
         y = rng.normal(size=6) * 3
         np.testing.assert_allclose(project_to_simplex(jnp.asarray(y)), simplex_numpy(y), atol=1e-6)
+    # entries ~1e30 (MoDo's step on a Gram of ~1e31) absorb the "− 1" of the count; more than
+    # 1 apart, the projection is the vertex of the largest entry
+    for dtype in (jnp.float32, jnp.float64):
+        with jax.enable_x64(dtype == jnp.float64):
+            y = jnp.asarray([-2e30, -1e30, -3e30], dtype)
+            np.testing.assert_array_equal(project_to_simplex(y), [0.0, 1.0, 0.0])
 
 
 def crosses(seed, k=3, steps=4):

@@ -68,8 +68,15 @@ def cross_task_gram(task_grads_1, task_grads_2, mask: list[bool] | None = None) 
 
 
 def project_to_simplex(x: jax.Array) -> jax.Array:
-    """Euclidean projection of ``x`` onto ``{w ≥ 0, Σ w = 1}`` (sort-based, exact)."""
+    """Euclidean projection of ``x`` onto ``{w ≥ 0, Σ w = 1}`` (sort-based, exact).
+
+    ``x`` is first shifted by its maximum (the projection does not change when every entry
+    moves by the same amount): the largest entry is then exactly 0, so the first term of the
+    count is exactly 1 > 0 at any magnitude. Unshifted, entries of ~1e30 absorb the ``− 1``
+    (``x_0 − (x_0 − 1) = 0``), nothing is counted and ``θ = ·/0`` is infinite.
+    """
     k = x.shape[0]
+    x = x - jnp.max(x)
     ordered = jnp.sort(x)[::-1]
     cumulative = jnp.cumsum(ordered) - 1.0
     index = jnp.arange(1, k + 1, dtype=x.dtype)
