@@ -54,7 +54,7 @@ from benchmarks import leaderboard_problems as problems
 from benchmarks.leaderboard_summary import delta_m, lr_scores, mean_ranks, paired_comparison
 from benchmarks.scale_disparity import over_seeds
 
-LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
 class Budget(NamedTuple):
