@@ -28,6 +28,10 @@ over seeds at 5 % (:func:`benchmarks.leaderboard_summary.paired_comparison`).
     python -m benchmarks.leaderboard            # default (see DEFAULT for its run time)
     python -m benchmarks.leaderboard --full     # longer training (see FULL: hours)
     python -m benchmarks.leaderboard --smoke    # seconds (tests)
+
+Each (problem, method) is a job; ``--jobs N`` worker processes run them (default: one per
+core, at most 4; ``--jobs 1`` runs them in this process, with progress bars). The results
+do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -76,10 +80,10 @@ DEFAULT = {
     "multimnist-lenet": Budget(steps=300, batch_size=32, sizes=PAIRS),
     "scale-disparity": Budget(steps=300, batch_size=128, sizes=PAIRS),
 }
-"""Default budgets. Measured (results file, *Run time*): about 0.8 h of CPU time for all
-three problems, three quarters of it compiling one training program per method and
-problem, so fewer steps would save little; on 2 idle cores that is more than the 30
-minutes aimed at. ``--problems`` and ``--methods`` run a part."""
+"""Default budgets. Measured (results file, *Run time*): 2,705 s of CPU time for all three
+problems, three quarters of it compiling one training program per method and problem (one
+thread each, hence the worker processes): about 23 minutes on 2 idle cores with the default
+``--jobs``. ``--problems`` and ``--methods`` run a part."""
 FULL = {
     "yeast": Budget(steps=3_000, batch_size=64, sizes={}),
     "multimnist-lenet": Budget(

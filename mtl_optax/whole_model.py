@@ -315,9 +315,9 @@ def value_and_grad(
     * ``"columns"`` (default): column by column, from K backward and K forward-mode passes
       (``chunk_size`` columns at a time), never holding the K gradients: O(parameters)
       memory; the update is one more backward pass.
-    * ``"structured"``: by the structured engine (``batch_dim=None`` of
-      :func:`mtl_optax.structured_gram.value_gram_and_combine`) from the stored layer
-      inputs ``X`` and the K output cotangents ``Δ_i`` of every layer (K backward passes
+    * ``"structured"``: by the structured engine (:func:`mtl_optax.value_and_gram` with
+      ``batch_dim=None``) from the stored layer inputs ``X`` and the K output cotangents
+      ``Δ_i`` of every layer (K backward passes
       that compute no weight gradients): a dense / convolution / embedding weight adds
       ``Σ_{b,c} (X Xᵀ)_{bc} (Δ_i Δ_jᵀ)_{bc}`` (the ghost term) or its K per-task gradients,
       whichever costs less, any other use of a shared parameter its K per-task gradients;
