@@ -315,8 +315,8 @@ def table(model: str, out: dict[str, Any], args) -> tuple[str, list[str]]:
             notes.append(f"No cross-library ratio: {out['withheld']}.")
         else:
             notes.append(
-                f"Ours / torchjd: Gram {med['Gram (ours)'] / med['torchjd Gram']:.2f}×, IWRM step "
-                f"{med['IWRM step (ours)'] / med['torchjd IWRM step']:.2f}× (below 1: ours faster)."
+                f"Ours / torchjd: Gram {med['Gram (ours)'] / med['torchjd Gram']:.2g}×, IWRM step "
+                f"{med['IWRM step (ours)'] / med['torchjd IWRM step']:.2g}× (below 1: ours faster)."
             )
     elif args.no_torch:
         notes.append("PyTorch not run (--no-torch or --smoke).")
