@@ -65,10 +65,12 @@ def apply_weighting(weighting, gram, losses, state, *, log2_scale=0, **extra):
 
     Weights of a weighting with ``homogeneity = h`` are multiplied back by ``2^(h·log2_scale)``
     (exact for the h = 0 and h = -1/2 of the shipped methods); a weighting with
-    ``homogeneity=None`` must be given the true Gram (``log2_scale = 0``).
+    ``homogeneity=None`` is given the true Gram ``2^log2_scale · Ĝ``.
     """
-    weights, state = weighting.update(gram, losses, state, **extra)
     h = weighting.homogeneity
+    if gram is not None and h is None:
+        gram = jnp.ldexp(gram, jnp.asarray(log2_scale, jnp.int32))
+    weights, state = weighting.update(gram, losses, state, **extra)
     if gram is not None and h:
         weights = weights * jnp.exp2(jnp.asarray(log2_scale, weights.dtype) * h)
     return weights, state

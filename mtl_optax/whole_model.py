@@ -180,9 +180,10 @@ def whole_model_config(method, tasks, shared, gram, chunk_size, entry="value_and
 
 
 def structured_task_gram(losses_of, leaves, batch, mask, config: WholeModelConfig, traced):
-    """``(losses, Gram of the shared leaves, combine, carry)`` from the structured engine, or
-    ``None`` where ``gram="auto"`` takes the columns (the engine rejects the model, or its
-    cost model prefers them); ``traced`` is non-empty once ``losses_of`` has run."""
+    """``(losses, (Ĝ, s), combine, carry)`` from the structured engine (the Gram of the shared
+    leaves is ``2^s · Ĝ``), or ``None`` where ``gram="auto"`` takes the columns (the engine
+    rejects the model, or its cost model prefers them); ``traced`` is non-empty once
+    ``losses_of`` has run."""
     try:
         plan, inputs, treedef, aux_tree = engine.prepare(
             losses_of,
@@ -208,8 +209,8 @@ def structured_task_gram(losses_of, leaves, batch, mask, config: WholeModelConfi
         ghost, materialize = plan.ghost_costs(shared)
         if ghost >= materialize:
             return None
-    losses, rest, gram, combine = plan.compute(inputs, treedef, gram_leaves=shared)
-    return losses, gram, combine, jax.tree_util.tree_unflatten(aux_tree, rest)
+    losses, rest, gram, log2_scale, combine = plan.compute(inputs, treedef, gram_leaves=shared)
+    return losses, (gram, log2_scale), combine, jax.tree_util.tree_unflatten(aux_tree, rest)
 
 
 def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighting_state, **extra):
@@ -232,9 +233,11 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
     if weighting.needs_gram and config.gram != "columns":
         structured = structured_task_gram(losses_of, leaves, batch, mask, config, names)
     if structured is not None:
-        losses, gram, vjp, carry = structured
+        losses, (gram, log2_scale), vjp, carry = structured
         gram = jnp.diag(jnp.diag(gram)) if diagonal else gram
-        weights, state = weighting.update(gram, losses, weighting_state, **extra)
+        weights, state = apply_weighting(
+            weighting, gram, losses, weighting_state, log2_scale=log2_scale, **extra
+        )
     elif weighting.needs_gram:
         losses, jvp, carry = jax.linearize(lambda xs: losses_of(xs, batch), leaves, has_aux=True)
         transpose = jax.linear_transpose(jvp, leaves)

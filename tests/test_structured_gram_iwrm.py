@@ -102,6 +102,45 @@ def test_iwrm_steps_equal_the_per_example_oracle_and_feed_optax():
     assert np.all(np.diff(np.asarray(trace)) < 0), trace  # the update is a descent direction
 
 
+def test_iwrm_and_the_returned_gram_at_extreme_gradient_scales():
+    """Per-example losses times ``c``: where a raw float32 Gram under- or overflows (c = 1e∓25),
+    UPGrad's weights equal those at c = 1 and the update is ``c`` times it (the engine
+    rescales every Gram term by powers of two); ``value_and_gram`` returns the true Gram
+    (``c²`` times, against the per-example oracle where that is in range)."""
+    params, batch = init(), data()
+    upgrad = mtl.upgrad()
+
+    @jax.jit
+    def run(c):
+        def scaled(p, b):
+            return c * per_example_loss(p, b)
+
+        grad_fn = mtl.instance_wise_value_and_grad(scaled, upgrad, batch_size=B)
+        _, grads, state = grad_fn(params, batch, grad_fn.init(params))
+        _, gram = mtl.value_and_gram(scaled)(params, batch)
+        return mtl.task_weights(state), jax.tree_util.tree_map(lambda g: g / c, grads), gram
+
+    weights, update, gram = run(1.0)
+    _, oracle_weights, oracle_update = oracle(
+        upgrad,
+        params,
+        batch,
+        mtl.instance_wise_value_and_grad(per_example_loss, upgrad, batch_size=B).init(params),
+    )
+    assert rel_err(weights, oracle_weights) <= 1e-4
+    assert rel_err(update, oracle_update) <= 1e-4
+    for c in (1e-25, 1e-12, 1e12, 1e25):
+        got_weights, got_update, got_gram = run(c)
+        assert rel_err(got_weights, weights) <= 1e-5, (c, got_weights, weights)
+        assert rel_err(got_update, update) <= 1e-5, c
+        if abs(c) in (1e-12, 1e12):  # G = c² G₁ is in float32's range
+            assert rel_err(got_gram, (c * c) * np.asarray(gram, np.float64)) <= 1e-5, c
+        elif c < 1:  # below it the true Gram rounds to 0, as the per-example Gram would
+            assert np.all(np.asarray(got_gram) == 0.0), (c, got_gram)
+        else:  # above it to ±inf, with the signs of G₁
+            assert np.all(np.asarray(got_gram) == np.sign(gram) * np.inf), (c, got_gram)
+
+
 class BatchNormNet:
     """A dense layer, batch statistics in training mode, a dense layer."""
 

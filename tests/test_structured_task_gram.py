@@ -6,7 +6,9 @@ Oracles, every step of two (the second from the first's state): the default colu
 alike, on an MLP, a CNN and a flax nnx model with dropout (whose RNG counts must advance
 as under the columns), float32 within 1e-5 relative and float64 within 1e-12. MGDA, UPGrad
 and GradNorm (learned weights in its state; reads ``diag(G)``; its heads get ``w_i ∇L_i``).
-``gram="auto"`` is checked to choose as its cost model says on two shapes.
+``gram="auto"`` is checked to choose as its cost model says on two shapes. Gradient scales
+1e±25 (a raw float32 Gram under- or overflows): the same weights as at scale 1 and the update
+scaled, as the columns give (the engine rescales every Gram term by powers of two).
 """
 
 from __future__ import annotations
@@ -154,6 +156,44 @@ def test_structured_equals_columns_and_tier_3_float64(problem):
         grads = out["structured"][0][1]
         assert all(leaf.dtype == jnp.float64 for leaf in jax.tree_util.tree_leaves(grads))
         assert_paths_agree(out, RTOL64, problem)
+
+
+# Gradient scales where a float32 Gram of the raw gradients underflows (norms 1e-25: Gram
+# entries 1e-50) or overflows (1e25: 1e50); the columns rescale by powers of two.
+EXTREME_SCALES = (1e-25, 1.0, 1e25)
+
+
+def test_structured_keeps_extreme_gradient_scales_as_the_columns_do():
+    """Losses times ``c``: MGDA's and UPGrad's weights (scale-invariant) equal those at c = 1,
+    and the update is ``c`` times it, on both paths (one program per path, ``c`` traced)."""
+    task_losses, params, batch = mlp_problem(np.float32)
+
+    def scaled(p, b, c):
+        return {name: c * loss for name, loss in task_losses(p, b).items()}
+
+    @jax.jit
+    def step(c):
+        out = {}
+        for name in ("mgda", "upgrad"):
+            for gram in ("columns", "structured"):
+                grad_fn = mtl.value_and_grad(
+                    lambda p, b: scaled(p, b, c),
+                    WEIGHTINGS[name](),
+                    tasks=list(NAMES),
+                    shared=SHARED,
+                    gram=gram,
+                )
+                _, grads, state = grad_fn(params, batch, grad_fn.init(params))
+                out[name, gram] = (state.weights, jax.tree_util.tree_map(lambda g: g / c, grads))
+        return out
+
+    unit = step(1.0)
+    for c in EXTREME_SCALES:
+        got = step(c)
+        for key, (weights, grads) in got.items():
+            assert np.all(np.isfinite(weights)), (key, c, weights)
+            assert rel_err(weights, unit[key][0]) <= RTOL32, (key, c, weights, unit[key][0])
+            assert rel_err(grads, unit[key][1]) <= RTOL32, (key, c)
 
 
 # --------------------------------------------------------------------------- flax nnx

@@ -65,6 +65,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax.numpy as jnp
+
 from mtl_optax.structured_gram import engine
 from mtl_optax.structured_gram.example_axis import BatchCouplingError
 from mtl_optax.structured_gram.instance_wise import instance_wise_value_and_grad
@@ -100,7 +102,7 @@ def value_gram_and_combine(
     engine.check_options(batch_dim, has_aux, strategy, chunk_size)
 
     def wrapped(params, *args, **kwargs):
-        return engine.run(
+        values, gram, log2_scale, combine = engine.run(
             fn,
             params,
             args,
@@ -110,6 +112,7 @@ def value_gram_and_combine(
             strategy=strategy,
             chunk_size=chunk_size,
         )
+        return values, jnp.ldexp(gram, log2_scale), combine
 
     return wrapped
 
@@ -146,6 +149,11 @@ def value_and_gram(
 
     Returns:
       ``f(params, batch, ...) -> (losses, gram)``, ``gram`` in float32 or wider, (B, B).
+      Every term is formed from factors rescaled by powers of two, so ``gram`` is exact up
+      to rounding wherever its entries are in range; entries beyond float32's (gradient
+      norms past ~1e±19) come out 0 or ±inf, as any Gram of those gradients would.
+      :func:`mtl_optax.instance_wise_value_and_grad` keeps the scale apart and weights such
+      batches exactly.
 
     Example::
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_optax.gram import power_of_two_exponent
 from mtl_optax.structured_gram import layers
 from mtl_optax.structured_gram.example_axis import (
     ELEMENTWISE,
@@ -78,7 +79,8 @@ def check_options(batch_dim, has_aux, strategy, chunk_size) -> None:
 
 
 def run(fn: Callable, params, args, kwargs, *, batch_dim, has_aux, strategy, chunk_size):
-    """``(values, gram, combine)`` of ``fn(params, *args, **kwargs)``; see the package doc."""
+    """``(values, Ĝ, s, combine)`` of ``fn(params, *args, **kwargs)``, the Gram ``G = 2^s Ĝ``;
+    see the package doc."""
     engine, inputs, treedef, aux_tree = prepare(
         fn,
         params,
@@ -89,9 +91,9 @@ def run(fn: Callable, params, args, kwargs, *, batch_dim, has_aux, strategy, chu
         strategy=strategy,
         chunk_size=chunk_size,
     )
-    losses, rest, gram, combine = engine.compute(inputs, treedef)
+    losses, rest, gram, log2_scale, combine = engine.compute(inputs, treedef)
     aux = jax.tree_util.tree_unflatten(aux_tree, rest)
-    return ((losses, aux) if has_aux else losses), gram, combine
+    return ((losses, aux) if has_aux else losses), gram, log2_scale, combine
 
 
 def leaf_strategies(
@@ -450,8 +452,8 @@ class _Engine:
 
     # ------------------------------------------------------------------ evaluation
     def compute(self, inputs, treedef, gram_leaves=None):
-        """``(losses, aux outputs, gram, combine)``; the Gram sums the leaves ``gram_leaves``
-        (indices; None: every leaf), ``combine`` covers every leaf."""
+        """``(losses, aux outputs, Ĝ, s, combine)``, the Gram ``G = 2^s · Ĝ`` summed over the
+        leaves ``gram_leaves`` (indices; None: every leaf); ``combine`` covers every leaf."""
         program = self.program
         probes = [(m.index, k) for m in self.meets for k in m.probed]
         zeros = [
@@ -485,8 +487,8 @@ class _Engine:
         else:
             deltas = vjp(jnp.ones_like(losses))[0]
         state = _State(self, inputs, values, {p: deltas[n] for p, n in slot.items()}, losses)
-        gram = state.gram(range(self.n_leaves) if gram_leaves is None else gram_leaves)
-        return losses, rest, gram, state.combine_fn(treedef)
+        gram, log2_scale = state.gram(range(self.n_leaves) if gram_leaves is None else gram_leaves)
+        return losses, rest, gram, log2_scale, state.combine_fn(treedef)
 
 
 class _State:
@@ -510,19 +512,29 @@ class _State:
         return [self.deltas.get((meet.index, k)) for k in range(len(op.outs))]
 
     # ------------------------------------------------------------------ Gram
-    def gram(self, leaves) -> jax.Array:
+    def gram(self, leaves) -> tuple[jax.Array, jax.Array]:
+        """``(Ĝ, s)`` with the Gram ``G = 2^s · Ĝ`` (``s`` int32).
+
+        Every term (a ghost product or a materialised leaf) is computed from factors or
+        gradients rescaled by powers of two (:func:`layers.scaled`) and brought to the
+        largest term's exponent ``s``: exact, and ``Ĝ`` stays in range where ``G`` would
+        overflow or underflow float32, as the columns' power-of-two scaling does.
+        """
         e = self.e
-        gram = jnp.zeros((self.rows, self.rows), self.dtype)
+        terms: list[tuple[jax.Array, jax.Array]] = []
         for leaf in leaves:
             uses = [u for u in e.uses if leaf in u.deps]
             if not uses:
                 continue
             pairs = e._ghost_plan(leaf, uses)
-            if pairs is not None:
-                gram = gram + self._ghost(uses, pairs)
-            else:
-                gram = gram + self._materialized(leaf, uses)
-        return gram
+            terms += (
+                self._ghost(uses, pairs) if pairs is not None else self._materialized(leaf, uses)
+            )
+        if not terms:
+            return jnp.zeros((self.rows, self.rows), self.dtype), jnp.zeros((), jnp.int32)
+        top = jnp.max(jnp.stack([exponent for _, exponent in terms]))
+        gram = sum(jnp.ldexp(term, exponent - top) for term, exponent in terms)
+        return gram, top
 
     def _factors(self, u: Use) -> layers.Factors:
         e, op = self.e, self.e.program.ops[u.meet.index]
@@ -540,15 +552,18 @@ class _State:
             tasks=e.tasks,
         )
 
-    def _ghost(self, uses: list[Use], pairs) -> jax.Array:
-        facs = [self._factors(u) for u in uses]
+    def _ghost(self, uses: list[Use], pairs) -> list[tuple[jax.Array, jax.Array]]:
+        """``[(term, exponent)]``: the leaf's Gram is ``Σ 2^exponent · term``."""
+        facs = [layers.scaled(self._factors(u), self.dtype) for u in uses]
         if self.e.tasks:
-            return layers.ghost_tasks(facs[0], self.dtype)
-        total = jnp.zeros((self.rows, self.rows), self.dtype)
+            f, exponent = facs[0]
+            return [(layers.ghost_tasks(f, self.dtype), 2 * exponent)]
+        terms = []
         for i, j, swapped in pairs:
-            term = layers.ghost_pair(facs[i], facs[j], swapped, self.dtype)
-            total = total + (term if i == j else term + term.T)
-        return total
+            (f1, e1), (f2, e2) = facs[i], facs[j]
+            term = layers.ghost_pair(f1, f2, swapped, self.dtype)
+            terms.append((term if i == j else term + term.T, e1 + e2))
+        return terms
 
     def _per_row_grads(self, meet: Meet) -> tuple:
         """Per-example / per-task gradients of the meet's parameter operands (memoised)."""
@@ -581,20 +596,21 @@ class _State:
             self._per_row[meet.index] = grads
         return self._per_row[meet.index]
 
-    def _materialized(self, leaf: int, uses: list[Use]) -> jax.Array:
+    def _materialized(self, leaf: int, uses: list[Use]) -> list[tuple[jax.Array, jax.Array]]:
+        """``[(term, exponent)]`` of the leaf's per-row gradients, rescaled by a power of two."""
         rows = self.rows
         if len(uses) == 1 and uses[0].view is not None and uses[0].deps == {leaf}:
             u = uses[0]  # a permutation of the leaf: same Gram, no need to map back
-            g = self._per_row_grads(u.meet)[u.meet.params_at.index(u.pos)]
-            flat = g.reshape(rows, -1).astype(self.dtype)
-            return jnp.matmul(flat, flat.T, precision=HIGHEST)
-        total = None
-        for u in uses:
-            g = self._per_row_grads(u.meet)[u.meet.params_at.index(u.pos)]
-            contribution = jax.vmap(self._to_leaves(u))(g)[leaf]
-            total = contribution if total is None else total + contribution
-        flat = total.reshape(rows, -1).astype(self.dtype)
-        return jnp.matmul(flat, flat.T, precision=HIGHEST)
+            total = self._per_row_grads(u.meet)[u.meet.params_at.index(u.pos)]
+        else:
+            total = None
+            for u in uses:
+                g = self._per_row_grads(u.meet)[u.meet.params_at.index(u.pos)]
+                contribution = jax.vmap(self._to_leaves(u))(g)[leaf]
+                total = contribution if total is None else total + contribution
+        exponent = power_of_two_exponent(total)
+        flat = jnp.ldexp(total.reshape(rows, -1).astype(self.dtype), -exponent)
+        return [(jnp.matmul(flat, flat.T, precision=HIGHEST), 2 * exponent)]
 
     def _to_leaves(self, u: Use) -> Callable:
         """``g_v -> {leaf: g_leaf}``: the backward of the parameters-only map to ``u.var``."""

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
+from mtl_optax.gram import apply_weighting
 from mtl_optax.structured_gram import engine
 from mtl_optax.weighted import WeightedGradFunction, check_weighting_method
 from mtl_optax.weighting.base import check_num_tasks
@@ -103,7 +104,7 @@ def instance_wise_value_and_grad(
     engine.check_options(batch_dim, False, strategy, chunk_size)
 
     def step(params, batch, method_state, **extra):
-        losses, gram, combine = engine.run(
+        losses, gram, log2_scale, combine = engine.run(
             loss_fn,
             params,
             (batch,),
@@ -124,7 +125,9 @@ def instance_wise_value_and_grad(
         else:
             if weighting.needs_gram == "diagonal":
                 gram = jnp.diag(jnp.diag(gram))
-            weights, method_state = weighting.update(gram, losses, method_state, **extra)
+            weights, method_state = apply_weighting(
+                weighting, gram, losses, method_state, log2_scale=log2_scale, **extra
+            )
         grads = combine(weights.astype(losses.dtype))
         return losses, grads, weights, method_state, None
 

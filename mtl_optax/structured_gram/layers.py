@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mtl_optax.gram import power_of_two_exponent
 from mtl_optax.structured_gram.example_axis import Ex
 from mtl_optax.structured_gram.program import Op, apply
 
@@ -338,13 +339,28 @@ def _kernel(p: jax.Array, p_index: bool, q: jax.Array, q_index: bool) -> jax.Arr
     return jnp.transpose(_kernel(q, q_index, p, p_index), (3, 4, 2, 0, 1))
 
 
+def scaled(f: Factors, dtype) -> tuple[Factors, jax.Array]:
+    """``(f̂, e)``: dense factors in the Gram's dtype (float32 or wider) divided by powers of
+    two, ``2^-a`` on the input side (its largest entry in [0.5, 1); an index is left as it
+    is) and ``2^-c`` on the output side, with ``e = a + c`` (int32).
+
+    A gradient of this use is an input row times an output row, so ``f̂``'s gradients are
+    ``2^-e`` times ``f``'s: exact (powers of two), and their products neither overflow nor
+    underflow in float32 where the true ones would (gradient norms beyond ~1e±19).
+    """
+    a = jnp.zeros((), jnp.int32) if f.index else power_of_two_exponent(f.data)
+    c = power_of_two_exponent(f.cot)
+    data = f.data if f.index else jnp.ldexp(f.data.astype(dtype), -a)
+    return Factors(data, jnp.ldexp(f.cot.astype(dtype), -c), f.index), a + c
+
+
 def ghost_pair(f1: Factors, f2: Factors, swapped: bool, dtype) -> jax.Array:
-    """``Σ_{t,h,s} ⟨·⟩⟨·⟩``: the (B, B) Gram cross term of two uses of one leaf.
+    """``Σ_{t,h,s} ⟨·⟩⟨·⟩``: the (B, B) Gram cross term of two uses of one leaf, from factors
+    already in ``dtype`` (:func:`scaled`).
 
     ``swapped``: use 2's output side lines up with use 1's input side (a transposed use, as
     a tied embedding's output projection is of its lookup table).
     """
-    f1, f2 = _cast(f1, dtype), _cast(f2, dtype)
     if swapped:
         k1 = _kernel(f1.data, f1.index, f2.cot, False)
         k2 = _kernel(f1.cot, False, f2.data, f2.index)
@@ -354,23 +370,15 @@ def ghost_pair(f1: Factors, f2: Factors, swapped: bool, dtype) -> jax.Array:
     return jnp.einsum("bthes,bthes->be", k1.astype(dtype), k2.astype(dtype), precision=HIGHEST)
 
 
-def _cast(f: Factors, dtype) -> Factors:
-    """Dense factors in the Gram's dtype (float32 or wider) before any product."""
-    data = f.data if f.index else f.data.astype(dtype)
-    return Factors(data, f.cot.astype(dtype), f.index)
-
-
 def ghost_tasks(f: Factors, dtype) -> jax.Array:
-    """``G_ij = Σ_h ⟨A_h A_hᵀ, Δ_ih Δ_jhᵀ⟩`` for K tasks over N rows (one use)."""
+    """``G_ij = Σ_h ⟨A_h A_hᵀ, Δ_ih Δ_jhᵀ⟩`` for K tasks over N rows (one use), from factors
+    already in ``dtype`` (:func:`scaled`)."""
     if f.index:
         m = ((f.data[:, None] == f.data[None]) & (f.data[:, None] >= 0))[None].astype(dtype)
     else:
-        m = jnp.einsum(
-            "nhx,mhx->hnm", f.data.astype(dtype), f.data.astype(dtype), precision=HIGHEST
-        )
-    cot = f.cot.astype(dtype)
-    md = jnp.einsum("hnm,jmhy->jnhy", m, cot, precision=HIGHEST)
-    return jnp.einsum("inhy,jnhy->ij", cot, md, precision=HIGHEST)
+        m = jnp.einsum("nhx,mhx->hnm", f.data, f.data, precision=HIGHEST)
+    md = jnp.einsum("hnm,jmhy->jnhy", m, f.cot, precision=HIGHEST)
+    return jnp.einsum("inhy,jnhy->ij", f.cot, md, precision=HIGHEST)
 
 
 # --------------------------------------------------------------------------- gradients
