@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_optax.gram import power_of_two_exponent
+from mtl_optax.gram import power_of_two_exponent, times_power_of_two
 from mtl_optax.structured_gram import layers
 from mtl_optax.structured_gram.example_axis import (
     ELEMENTWISE,
@@ -609,7 +609,7 @@ class _State:
                 contribution = jax.vmap(self._to_leaves(u))(g)[leaf]
                 total = contribution if total is None else total + contribution
         exponent = power_of_two_exponent(total)
-        flat = jnp.ldexp(total.reshape(rows, -1).astype(self.dtype), -exponent)
+        flat = times_power_of_two(total.reshape(rows, -1).astype(self.dtype), -exponent)
         return [(jnp.matmul(flat, flat.T, precision=HIGHEST), 2 * exponent)]
 
     def _to_leaves(self, u: Use) -> Callable:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mtl_optax.gram import power_of_two_exponent
+from mtl_optax.gram import power_of_two_exponent, times_power_of_two
 from mtl_optax.structured_gram.example_axis import Ex
 from mtl_optax.structured_gram.program import Op, apply
 
@@ -350,8 +350,8 @@ def scaled(f: Factors, dtype) -> tuple[Factors, jax.Array]:
     """
     a = jnp.zeros((), jnp.int32) if f.index else power_of_two_exponent(f.data)
     c = power_of_two_exponent(f.cot)
-    data = f.data if f.index else jnp.ldexp(f.data.astype(dtype), -a)
-    return Factors(data, jnp.ldexp(f.cot.astype(dtype), -c), f.index), a + c
+    data = f.data if f.index else times_power_of_two(f.data.astype(dtype), -a)
+    return Factors(data, times_power_of_two(f.cot.astype(dtype), -c), f.index), a + c
 
 
 def ghost_pair(f1: Factors, f2: Factors, swapped: bool, dtype) -> jax.Array:
