@@ -7,7 +7,8 @@
 * metrics: accuracy, balanced accuracy, per-class accuracy, mean negative log-likelihood;
 * reporting: mean ± std markdown tables over seeds and writing ``<name>.md`` /
   ``<name>.png`` into ``benchmarks/results/``;
-* command line: :func:`base_parser` gives every script ``--seeds --steps --out --smoke``.
+* command line: :func:`base_parser` gives every script ``--seeds --steps --out --smoke``;
+  :func:`count` is the type of every count flag (a positive int, else a usage error).
 """
 
 from __future__ import annotations
@@ -30,11 +31,31 @@ NUM_CLASSES = 10
 
 
 # --------------------------------------------------------------------------- command line
+def count(text: str) -> int:
+    """argparse type of the count flags (steps, seeds, sizes, tasks): a positive int."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_count(text: str) -> int:
+    """argparse type of a count that may be 0 (warm-up steps)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
 def base_parser(description: str, *, steps: int, seeds: int = 3) -> argparse.ArgumentParser:
     """Parser with the flags every loss benchmark shares."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--seeds", type=int, default=seeds, help="number of seeds (0..n-1)")
-    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    parser.add_argument("--seeds", type=count, default=seeds, help="number of seeds (0..n-1)")
+    parser.add_argument("--steps", type=count, default=steps, help="optimizer steps per run")
     parser.add_argument(
         "--out",
         type=str,

@@ -109,10 +109,10 @@ def run_one(loss_name, batch_size, temperature, seed, *, images, args):
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], steps=800)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--batch-sizes", type=common.count, nargs="+", default=[16, 128])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.05])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 128])
-    parser.add_argument("--proj-dim", type=int, default=64)
+    parser.add_argument("--hidden", type=common.count, nargs="+", default=[256, 128])
+    parser.add_argument("--proj-dim", type=common.count, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     if args.smoke:

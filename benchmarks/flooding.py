@@ -101,11 +101,11 @@ def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], steps=3000)
     parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--train-size", type=int, default=1000)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256])
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--train-size", type=common.count, default=1000)
+    parser.add_argument("--hidden", type=common.count, nargs="+", default=[256])
+    parser.add_argument("--batch-size", type=common.count, default=100)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=common.count, default=100)
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.hidden, args.eval_every = 1, 200, [32], 50

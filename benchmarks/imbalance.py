@@ -119,8 +119,8 @@ def scores(logits, labels) -> dict[str, float]:
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], steps=2000)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--hidden", type=common.count, nargs="+", default=[256, 256])
+    parser.add_argument("--batch-size", type=common.count, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     if args.smoke:

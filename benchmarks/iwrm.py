@@ -123,9 +123,9 @@ def run_one(method, seed, *, train, test, args):
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], steps=1500)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--hidden", type=common.count, nargs="+", default=[256, 256])
+    parser.add_argument("--batch-size", type=common.count, default=64)
+    parser.add_argument("--eval-every", type=common.count, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     args = parser.parse_args(argv)

@@ -665,7 +665,7 @@ def plot_weights(result: ProblemResult, methods: Sequence[str]):
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..n-1)")
+    parser.add_argument("--seeds", type=common.count, default=3, help="number of seeds (0..n-1)")
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD")
     parser.add_argument("--lr", type=float, default=None, help="skip the selection, use this")
@@ -678,7 +678,7 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=common.count,
         default=min(os.cpu_count() or 1, 4),
         help="worker processes (default: the CPU cores, at most 4); 1 runs in this process",
     )

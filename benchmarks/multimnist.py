@@ -297,16 +297,21 @@ def train(
 def base_parser(description: str) -> argparse.ArgumentParser:
     """The MultiMNIST scripts' shared flags: sizes of the pair sets, batch size, Adam's rate."""
     parser = common.base_parser(description, steps=800, seeds=3)
-    parser.add_argument("--train-pairs", type=int, default=20_000)
-    parser.add_argument("--test-pairs", type=int, default=5_000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--train-pairs", type=common.count, default=20_000)
+    parser.add_argument("--test-pairs", type=common.count, default=5_000)
+    parser.add_argument("--batch-size", type=common.count, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     return parser
 
 
 def parse_args(argv: Sequence[str] | None):
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--warmup", type=int, default=5, help="steps per seed left out of ms/step")
+    parser.add_argument(
+        "--warmup",
+        type=common.nonnegative_count,
+        default=5,
+        help="steps per seed left out of ms/step",
+    )
     parser.add_argument(
         "--strategy",
         default="auto",

@@ -204,11 +204,14 @@ def run_method(method: str, data: Data, args, *, progress: bool) -> dict[str, An
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None):
     parser = common.base_parser(__doc__.splitlines()[0], steps=1500)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 128])
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--hidden", type=common.count, nargs="+", default=[256, 128])
+    parser.add_argument("--batch-size", type=common.count, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
-        "--chunk", type=int, default=100, help="steps per jitted scan (and per plotted test point)"
+        "--chunk",
+        type=common.count,
+        default=100,
+        help="steps per jitted scan (and per plotted test point)",
     )
     parser.add_argument("--noise", type=float, nargs="+", default=list(NOISE_LEVELS))
     parser.add_argument(

@@ -92,12 +92,12 @@ def run_one(name, alpha, seed, *, labelled, unlabelled, test, args):
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], steps=2000)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
+    parser.add_argument("--hidden", type=common.count, nargs="+", default=[256, 256])
     parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--labelled", type=int, default=500, help="labelled digits (semi)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--labelled", type=common.count, default=500, help="labelled digits (semi)")
+    parser.add_argument("--batch-size", type=common.count, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=common.count, default=100)
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.hidden, args.eval_every = 1, 150, [64], 50

@@ -110,10 +110,10 @@ def run_one(method, seed, *, data, args):
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], steps=1500)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    parser.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    parser.add_argument("--hidden", type=common.count, nargs="+", default=[256, 256])
+    parser.add_argument("--dim", type=common.count, default=64, help="embedding dimension")
     parser.add_argument("--margin", type=float, default=0.5, help="fixed chord margin")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=common.count, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     if args.smoke:

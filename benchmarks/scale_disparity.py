@@ -190,7 +190,7 @@ def evaluate(params, data) -> dict[str, float]:
 def parse_args(argv: Sequence[str] | None):
     parser = multimnist.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1000.0, help="factor on the sum's loss")
-    parser.add_argument("--window", type=int, default=40, help="DWA window / STCH warm-up")
+    parser.add_argument("--window", type=common.count, default=40, help="DWA window / STCH warm-up")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD")
     args = parser.parse_args(argv)
     if args.smoke:
