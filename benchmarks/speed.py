@@ -36,7 +36,9 @@ process's steps once), so a change in machine load hits all of them alike
 
 Every step through the split gives the heads as ``mtl.stacked_heads`` (:data:`HEADS`): one
 head function vmapped over the stacked head parameters, the same model and arithmetic as
-the plain step's einsum.
+the plain step's einsum. That is the idiomatic form for K heads of one shape (a Python list
+of K head functions works too, but traces K heads and runs K small matrix products where
+the stacked form runs one).
 
 A memory table (``--memory-tasks``, default K = 10 64 256) gives, for the plain step and
 the two exact tier-3 modes through the split, the peak memory of the compiled step (XLA's
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,6 +76,7 @@ from benchmarks.timing import (
     TorchProcess,
     find_torch_python,
     interleaved_medians,
+    machine_load,
     median_seconds,
     num_cores,
     timed_rounds,
@@ -337,8 +341,10 @@ def _cell(seconds: float | None, reference: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the tables (markdown) and the measured rows."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     clock = common.Stopwatch()
+    load_before = machine_load()[1]
     sizes = (784, args.width, args.width)
     torch_python = None if args.no_torch else find_torch_python(args.torch_python)
     use_torch = torch_python is not None
@@ -433,7 +439,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "of the same run; for torchjd, the "
         "ratio to our tier-3 MGDA through the split). chunked: chunk size "
         f"ceil(K/4), at least 2. JAX {jax.__version__} on {jax.default_backend()}, "
-        f"{num_cores()} cores. {torch_note} Wall time {seconds:.0f} s.\n\n"
+        f"{num_cores()} cores. {torch_note} Wall time {seconds:.0f} s; machine {load_before} "
+        f"at the start, {machine_load()[1]} at the end (other jobs share the cores when the "
+        "load exceeds them: absolute times inflate, ratios within a row stay comparable)."
+        f"\n\nRun with `python -m benchmarks.speed {' '.join(argv)}`.\n\n"
         + table
         + "".join(f"\n\n* {note}" for note in notes)
         + "\n\nPeak memory of the compiled step (XLA memory analysis: arguments + outputs + "

@@ -140,7 +140,7 @@ def _pure_split(encoder, spec, call, rest, wrt) -> _split.PureSplit:
             )
         return nnx.split(module, wrt, ...)
 
-    def stacked(p, features, batch, carry):
+    def stacked(p, batch, carry, per_task):
         graphdef, head_state, head_rest = sub_module(p, carry)
         if jax.tree_util.tree_leaves(head_rest):
             kinds = jax.tree_util.tree_leaves(
@@ -153,10 +153,12 @@ def _pure_split(encoder, spec, call, rest, wrt) -> _split.PureSplit:
                 "BatchNorm in the encoder, or give the heads as a sequence or dict."
             )
         k = stacked_num_tasks(jax.tree_util.tree_leaves(head_state))
-        losses = jax.vmap(
-            lambda state_i, z, i: head(nnx.merge(graphdef, state_i, head_rest), z, batch, i)
-        )(head_state, features, jnp.arange(k))
-        return losses, carry
+        out = jax.vmap(
+            lambda state_i, i: per_task(
+                lambda s, z: head(nnx.merge(graphdef, s, head_rest), z, batch, i), state_i, i
+            )
+        )(head_state, jnp.arange(k))
+        return out, carry
 
     def select_state(p):
         return sub_module(p, rest)[1]

@@ -144,12 +144,15 @@ class HeadsForward(NamedTuple):
     per-task cotangent ``c`` (K,): ``head_grads`` one per head leaf (``Σ_i c_i ∇L_i``),
     ``feature_cotangents`` like ``z`` with a leading task axis (``c_i ∂L_i/∂z``). With
     ``stack_shared`` the leaves of role ``"task"`` come back stacked per task instead.
+    ``weighted(c)`` returns ``(head_grads, Σ_i c_i ∂L_i/∂z)``: the same head gradients and the
+    feature cotangent of the weighted loss ``Σ_i c_i L_i``, without the per-task copies.
     """
 
     losses: jax.Array
     carry: Any
     roles: list  # per head leaf: task index, "task", "sliced" or "none"
     backward: Callable
+    weighted: Callable
 
 
 def run_sequence(fns, labels, head_leaves, call, z, carry, reads) -> HeadsForward:
@@ -181,44 +184,81 @@ def run_sequence(fns, labels, head_leaves, call, z, carry, reads) -> HeadsForwar
         features = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[p[1] for p in per_head])
         return grads, features
 
-    return HeadsForward(jnp.stack(losses), carry, roles, backward)
+    def weighted(c):
+        grads, features = backward(c)
+        return grads, jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), features)
+
+    return HeadsForward(jnp.stack(losses), carry, roles, backward, weighted)
 
 
-def run_stacked(head_leaves, sliced, call, z, k, carry) -> HeadsForward:
-    """Homogeneous heads; ``call(head_leaves, z_stacked, carry) -> ((K,) losses, carry)``."""
-    features = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), z)
-    losses, vjp, carry = jax.vjp(
-        lambda h, f: call(h, f, carry), head_leaves, features, has_aux=True
-    )
+def run_stacked(head_leaves, positions, call, z, k, carry) -> HeadsForward:
+    """Homogeneous heads, run with the features ``z`` shared by all tasks (not copied K times).
+
+    ``call(head_leaves, carry, per_task) -> (outputs stacked over the tasks, carry)`` vmaps
+    ``per_task(loss_of, hp_i, i)`` over the tasks, with ``loss_of(hp_i, z) -> L_i`` head
+    ``i``'s loss of its parameter slice ``hp_i``; ``positions[j]`` is the index in
+    ``head_leaves`` of the ``j``-th leaf of the stacked head parameters.
+
+    Inside the vmap ``z`` is not batched, so each of the heads' layers that reads ``z`` runs
+    as one matrix product for all K tasks (not K products of a K-fold copy of ``z``):
+
+    * the forward pass and ``weighted(c)`` are one ``jax.vjp`` of the vmapped losses with
+      respect to the head leaves and ``z``: ``Σ_i c_i ∇L_i`` and ``Σ_i c_i ∂L_i/∂z`` directly;
+    * ``backward(c)`` needs every ``c_i ∂L_i/∂z`` apart: each task's own ``jax.vjp`` runs
+      inside the vmap (the per-task feature cotangents come out stacked, one batched pass;
+      its forward is the same computation as the losses', which XLA computes once under jit).
+    """
+    carry_in = carry
+
+    def losses_of(h, features):
+        return call(h, carry_in, lambda loss_of, hp_i, i: loss_of(hp_i, features))
+
+    losses, vjp, carry = jax.vjp(losses_of, head_leaves, z, has_aux=True)
     if jnp.shape(losses) != (k,):
         raise ValueError(
             f"stacked_heads: `head` must return one scalar loss per task, got shape "
             f"{jnp.shape(losses)[1:]} for each; reduce over the batch (e.g. jnp.mean)."
         )
     check_scalar_loss(losses[0], "of stacked_heads")
-    roles = [SLICED if s else NONE for s in sliced]
+    chosen = set(positions)
+    roles = [SLICED if j in chosen else NONE for j in range(len(head_leaves))]
 
     def backward(c, stack_shared=False):
         del stack_shared  # every head leaf is sliced: nothing to stack
+        c = c.astype(losses.dtype)
+
+        def per_task(loss_of, hp_i, i):
+            _, task_vjp = jax.vjp(loss_of, hp_i, z)
+            return task_vjp(c[i])
+
+        (selected, features), _ = call(head_leaves, carry_in, per_task)
+        grads = [jnp.zeros_like(x) for x in head_leaves]
+        for position, grad in zip(positions, jax.tree_util.tree_leaves(selected)):
+            grads[position] = grads[position] + grad
+        return grads, features
+
+    def weighted(c):
         return vjp(c.astype(losses.dtype))
 
-    return HeadsForward(losses, carry, roles, backward)
+    return HeadsForward(losses, carry, roles, backward, weighted)
 
 
-def selected_leaves(selected: Any, leaves: Sequence[Any], what: str) -> list[bool]:
-    """Which of ``leaves`` are (by identity) the leaves of ``selected`` (all must be)."""
+def selected_positions(selected: Any, leaves: Sequence[Any], what: str) -> list[int]:
+    """The index in ``leaves`` of each leaf of ``selected``, matched by identity (all must be).
+
+    In the order of ``jax.tree_util.tree_leaves(selected)``.
+    """
     chosen = jax.tree_util.tree_leaves(selected)
     if not chosen:
         raise ValueError(f"stacked_heads: {what} selected no parameters.")
-    ids = {id(x) for x in leaves}
-    if not all(id(x) in ids for x in chosen):
+    index = {id(x): i for i, x in enumerate(leaves)}
+    if not all(id(x) in index for x in chosen):
         raise ValueError(
             f"stacked_heads: {what} must return a part of the parameters (a subtree, no "
             "computation such as a transpose or a slice), so that slice i of each leaf "
             "belongs to task i."
         )
-    chosen_ids = {id(x) for x in chosen}
-    return [id(x) in chosen_ids for x in leaves]
+    return [index[id(x)] for x in chosen]
 
 
 def stacked_num_tasks(selected_leaves_values: Sequence[Any]) -> int:

@@ -60,7 +60,7 @@ from mtl_optax.heads import (
     resolve_heads,
     run_sequence,
     run_stacked,
-    selected_leaves,
+    selected_positions,
     stacked_num_tasks,
 )
 from mtl_optax.task_gradients import SHARED, TaskGradients, check_strategy, map_over_tasks
@@ -74,8 +74,10 @@ class PureSplit(NamedTuple):
     """The split as pure functions of a params pytree (flax models are wrapped into this).
 
     ``encode(params, batch) -> (z, carry)``; ``head(i, params, z, batch, carry) -> (L_i,
-    carry)`` for the sequence form; ``stacked(params, z_stacked, batch, carry) -> (losses,
-    carry)`` and ``select(params)`` for the stacked form. The carry threads state such as
+    carry)`` for the sequence form; for the stacked form ``select(params)`` and
+    ``stacked(params, batch, carry, per_task) -> (outputs, carry)``, which vmaps
+    ``per_task(loss_of, hp_i, i)`` over the tasks (``loss_of(hp_i, z) -> L_i``, see
+    :func:`mtl_optax.heads.run_stacked`). The carry threads state such as
     flax RNG counts from the encoder through the heads, in the order of one forward pass.
     """
 
@@ -101,13 +103,13 @@ def plain_split(encoder: Callable, heads: Any) -> PureSplit:
         )
     head, select = spec.stacked
 
-    def stacked(params, features, batch, carry):
+    def stacked(params, batch, carry, per_task):
         head_params = select(params)
         k = stacked_num_tasks(jax.tree_util.tree_leaves(head_params))
-        losses = jax.vmap(lambda hp, z, i: head(hp, z, batch, i))(
-            head_params, features, jnp.arange(k)
+        out = jax.vmap(lambda hp, i: per_task(lambda hp_i, z: head(hp_i, z, batch, i), hp, i))(
+            head_params, jnp.arange(k)
         )
-        return losses, carry
+        return out, carry
 
     return PureSplit(spec, lambda p, b: (encoder(p, b), None), None, stacked, select)
 
@@ -204,8 +206,8 @@ def split_forward(pure: PureSplit, params: Any, batch: Any) -> SplitForward:
             reads,
         )
     else:
-        chosen = selected_leaves(pure.select(params), leaves, "head_params")
-        tied = [j for j, (m, c) in enumerate(zip(encoder_mask, chosen)) if m and c]
+        chosen = selected_positions(pure.select(params), leaves, "head_params")
+        tied = sorted({j for j in chosen if encoder_mask[j]})
         if tied:
             raise ValueError(
                 f"stacked_heads: `head_params` selects {', '.join(names[i] for i in tied)}, "
@@ -213,12 +215,14 @@ def split_forward(pure: PureSplit, params: Any, batch: Any) -> SplitForward:
                 "parameters (e.g. `head_params=lambda params: params['heads']`, or "
                 "`lambda model: model.heads` under mtl_optax.flax_nnx)."
             )
-        sliced = [c for c, m in zip(chosen, encoder_mask) if not m]
-        k = stacked_num_tasks([x for x, c in zip(head_leaves, sliced) if c])
+        # index among the head leaves of each selected leaf
+        head_index = {j: n for n, j in enumerate(j for j, m in enumerate(encoder_mask) if not m)}
+        positions = [head_index[j] for j in chosen]
+        k = stacked_num_tasks([head_leaves[n] for n in positions])
         heads = run_stacked(
             head_leaves,
-            sliced,
-            lambda h, f, c: pure.stacked(join(encoder_leaves, h), f, batch, c),
+            positions,
+            lambda h, c, per_task: pure.stacked(join(encoder_leaves, h), batch, c, per_task),
             z,
             k,
             carry,
@@ -334,8 +338,7 @@ def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_si
     else:
         weights, state = weighting.update(None, losses, weighting_state, **extra)
     if scales_heads(weighting):
-        head_grads, feature_cotangents = forward.heads.backward(weights)
-        z_cotangent = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), feature_cotangents)
+        head_grads, z_cotangent = forward.heads.weighted(weights)
     else:
         head_grads, feature_grads = unit if unit is not None else forward.heads.backward(ones)
         z_cotangent = jax.tree_util.tree_map(

@@ -8,7 +8,7 @@ import pytest
 
 import mtl_optax as mtl
 from mtl_optax import split
-from mtl_optax.gram import linear_gram
+from mtl_optax.gram import linear_gram, times_power_of_two
 from tests import models, zoo
 
 K = models.K
@@ -230,15 +230,70 @@ def test_the_old_k_copies_heads_are_rejected():
             mtl.split_value_and_grad(models.encode, miswired, mtl.mgda())
 
 
-def test_each_head_sees_only_its_own_copy():
+@pytest.mark.parametrize("form", ["sequence", "stacked"])
+def test_each_head_sees_only_its_own_copy(form):
     """The library routes copy i to head i: a head's feature cotangent lands on its task."""
-    params, batch, heads = setup()
+    params, batch, heads = setup(0, form)
     forward = split.split_forward(split.plain_split(models.encode, heads), params, batch)
     _, features = forward.heads.backward(jnp.array([1.0, 0.0, 0.0]))
     z = models.encode(params, batch)
     expected = jax.grad(lambda z_: models.heads(params, z_, batch)[0])(z)
     np.testing.assert_allclose(features[0], expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(features[1:], 0.0)
+
+
+@pytest.mark.parametrize("form", ["sequence", "stacked"])
+def test_heads_backward_and_weighted_equal_jacrev(form):
+    """``backward(c)``: rows ``c_i ∂L_i/∂z`` and ``Σ c_i ∇L_i`` on the heads; ``weighted(c)``:
+    the same head gradients and ``Σ_i c_i ∂L_i/∂z`` (stacked heads: z is never copied)."""
+    params, batch, heads = setup(2, form)
+    forward = split.split_forward(split.plain_split(models.encode, heads), params, batch)
+    c = jnp.array([0.5, -2.0, 3.0])
+    z = models.encode(params, batch)
+    rows = jax.jacrev(lambda z_: models.heads(params, z_, batch))(z)  # (K, B, d)
+    heads_grad = jax.grad(lambda p: c @ models.task_losses(p, batch))(params)["heads"]
+    expected_heads = jax.tree_util.tree_leaves(heads_grad)
+    head_grads, features = forward.heads.backward(c)
+    np.testing.assert_allclose(features, c[:, None, None] * rows, rtol=1e-5, atol=1e-6)
+    assert_tree_close(head_grads, expected_heads)
+    head_grads, z_cotangent = forward.heads.weighted(c)
+    np.testing.assert_allclose(z_cotangent, jnp.tensordot(c, rows, 1), rtol=1e-5, atol=1e-6)
+    assert_tree_close(head_grads, expected_heads)
+
+
+def test_stacked_heads_selected_in_another_order():
+    """Gradients land on the right leaves when ``head_params`` lists them in another order."""
+    params, batch, _ = setup(3)
+    reordered = mtl.stacked_heads(
+        lambda hp, z, b, i: models.head_loss({"w": hp["a"], "b": hp["x"]}, z, b, i),
+        head_params=lambda p: {"x": p["heads"]["b"], "a": p["heads"]["w"]},
+    )
+    same_order = mtl.stacked_heads(
+        lambda hp, z, b, i: models.head_loss({"w": hp["x"], "b": hp["a"]}, z, b, i),
+        head_params=lambda p: {"a": p["heads"]["b"], "x": p["heads"]["w"]},
+    )
+    weights = jnp.array([0.5, 2.0, 1.0])
+    expected = jax.grad(lambda p: weights @ models.task_losses(p, batch))(params)
+    for heads in (reordered, same_order):
+        grad_fn = mtl.split_value_and_grad(
+            models.encode, heads, mtl.constant_weighting([0.5, 2.0, 1.0])
+        )
+        _, grads, _ = grad_fn(params, batch, grad_fn.init(params))
+        assert_tree_close(grads, expected)
+
+
+def test_times_power_of_two_is_ldexp_for_every_exponent():
+    """The Gram's exact rescaling equals ``np.ldexp`` wherever input and result are normal,
+    for every exponent ``power_of_two_exponent`` can return in float32."""
+    exponents = np.arange(-149, 129)
+    x = np.random.default_rng(0).standard_normal((exponents.size, 64)).astype(np.float32)
+    x = np.ldexp(x, (exponents[:, None] - 1) // 2).astype(np.float32)  # spread the magnitudes
+    got = np.asarray(jax.jit(jax.vmap(times_power_of_two))(x, -exponents))
+    want = np.ldexp(x, -exponents[:, None]).astype(np.float32)
+    tiny = np.finfo(np.float32).tiny
+    normal = (np.abs(x) >= tiny) & (np.abs(want) >= tiny) & np.isfinite(want)
+    assert normal.sum() > 10_000
+    np.testing.assert_array_equal(got[normal], want[normal])
 
 
 def test_split_errors_name_the_problem():
