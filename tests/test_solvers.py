@@ -286,3 +286,44 @@ def test_lower_bounded_qp_matches_slsqp_and_float16_grams_are_promoted():
     np.testing.assert_allclose(v @ jac, result.x @ jac, atol=1e-5 * np.abs(jac).max())
     half = solve(jnp.asarray(gram, jnp.float16), jnp.ones(4, bool))
     assert half.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(half)))
+
+
+def test_lower_bounded_qps_certified_or_by_the_active_set_match_nnls():
+    """UPGrad's K problems on one Gram. Near-orthogonal gradients: every problem is solved
+    and certified by the matrix-free phase. A nearly singular Gram (12 gradients in 13
+    dimensions): the certificate's bound is too weak for all; 12 in 16 dimensions: for some.
+    The active-set method solves those not certified. All against scipy NNLS in float64:
+    ``min_{λ ≥ 0} ‖g_i + Σ_j λ_j g_j‖``."""
+    from mtl_optax.solvers import active_set
+
+    k = 12
+    kkt_tol, ridge = active_set._tolerances(jnp.float32)
+    lowers = jnp.eye(k)
+    qps = jax.jit(jax.vmap(mtl.lower_bounded_qp, in_axes=(None, 0)))
+
+    @jax.jit
+    def certified(gram):
+        d = jax.lax.rsqrt(jnp.diagonal(gram))
+        g_hat = gram * d[:, None] * d[None, :]
+
+        def one(lower):
+            b_hat = lower / d
+            q_hat = g_hat @ b_hat
+            return active_set._certified_orthant_solve(
+                g_hat, q_hat, q_hat < 0, ridge, kkt_tol, jnp.sum(b_hat), max_exchanges=46
+            )[1]
+
+        return jax.vmap(one)(lowers)
+
+    for dim, expected in [(400, "all"), (13, "none"), (16, "some")]:
+        jac = random_jacobian(k, dim, seed=dim, common=0.0)
+        gram = jnp.asarray(jac @ jac.T, jnp.float32)
+        flags = np.asarray(certified(gram))
+        assert {"all": flags.all(), "none": not flags.any(), "some": 0 < flags.sum() < k}[expected]
+        v = np.asarray(qps(gram, lowers), np.float64)
+        for i in range(k):
+            lam, _ = nnls(jac.T, -jac[i], maxiter=100 * k)
+            oracle = np.eye(k)[i] + lam
+            scale = np.linalg.norm(jac[i])
+            np.testing.assert_allclose(v[i] @ jac, oracle @ jac, atol=1e-5 * scale)
+            assert np.all(v[i] >= np.eye(k)[i])
