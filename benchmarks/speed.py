@@ -298,10 +298,12 @@ def time_solves(num_tasks: int, *, calls: int) -> dict[str, tuple[float, float]]
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-tasks", type=int, nargs="+", default=[2, 10, 40])
-    parser.add_argument("--steps", type=int, default=20, help="timed calls per step (>= 20)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--width", type=int, default=512, help="trunk width")
+    parser.add_argument("--num-tasks", type=common.count, nargs="+", default=[2, 10, 40])
+    parser.add_argument(
+        "--steps", type=common.count, default=20, help="timed calls per step (>= 20)"
+    )
+    parser.add_argument("--batch-size", type=common.count, default=256)
+    parser.add_argument("--width", type=common.count, default=512, help="trunk width")
     parser.add_argument(
         "--strategies",
         nargs="+",
@@ -309,10 +311,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=STRATEGIES,
         help="tier-3 Jacobian strategies to time",
     )
-    parser.add_argument("--memory-tasks", type=int, nargs="+", default=[10, 64, 256])
-    parser.add_argument("--memory-steps", type=int, default=5, help="timed calls, memory table")
-    parser.add_argument("--solve-tasks", type=int, default=64)
-    parser.add_argument("--solve-calls", type=int, default=200)
+    parser.add_argument("--memory-tasks", type=common.count, nargs="+", default=[10, 64, 256])
+    parser.add_argument(
+        "--memory-steps", type=common.count, default=5, help="timed calls, memory table"
+    )
+    parser.add_argument("--solve-tasks", type=common.count, default=64)
+    parser.add_argument("--solve-calls", type=common.count, default=200)
     parser.add_argument("--no-torch", action="store_true", help="skip torchjd even if installed")
     parser.add_argument("--torch-python", default=None, help="interpreter with torch, torchjd")
     parser.add_argument(

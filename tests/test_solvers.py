@@ -232,6 +232,12 @@ def test_argument_checks():
     gram = jnp.eye(3)
     with pytest.raises(ValueError, match="at least one primary"):
         mtl.min_norm_weights(gram, jnp.zeros(3, bool))
+    # a concrete mask closed over inside jit is still checked (it once raised a
+    # TracerBoolConversionError there instead), and a valid one solves
+    none, every = jnp.zeros(3, bool), jnp.ones(3, bool)
+    with pytest.raises(ValueError, match="at least one primary"):
+        jax.jit(lambda g: mtl.min_norm_weights(g, none))(gram)
+    np.testing.assert_allclose(jax.jit(lambda g: mtl.min_norm_weights(g, every))(gram), 1 / 3)
     with pytest.raises(ValueError, match=r"`init_support` must have shape \(3,\)"):
         mtl.min_norm_weights(gram, jnp.ones(3, bool), init_support=jnp.ones(4, bool))
     with pytest.raises(ValueError, match=r"`primary` must have shape \(3,\)"):

@@ -363,7 +363,7 @@ def min_norm_weights(
     k = check_gram(gram)
     _check_vector("primary", primary, k, kind="bool")
     if offset is None:
-        if _is_concrete(primary) and not bool(jnp.any(primary)):
+        if _is_concrete(primary) and not np.any(np.asarray(primary)):
             raise ValueError(
                 "`primary` must mark at least one primary task (all False given); without "
                 "an `offset` the problem has the trivial solution x = 0."

@@ -7,6 +7,7 @@ import pytest
 
 # module -> a count flag it has (the loss benchmarks share --steps / --seeds)
 FLAGS = {
+    "aggregator_speed": "--solve-calls",
     "contrastive": "--steps",
     "flooding": "--batch-size",
     "gram_speed": "--tasks",
@@ -18,6 +19,7 @@ FLAGS = {
     "rdrop": "--labelled",
     "retrieval": "--dim",
     "scale_disparity": "--window",
+    "speed": "--num-tasks",
 }
 
 
