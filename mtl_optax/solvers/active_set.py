@@ -344,7 +344,7 @@ def min_norm_weights(
     plus one refinement step) until the KKT conditions hold with exact solves. A warm start
     builds the inverse of the guessed support by the same rank-2 updates and continues from
     its solution when that is feasible. Without an equality constraint (``primary`` a
-    concrete all-False mask) a certified matrix-free phase (:func:`_certified_orthant_solve`)
+    concrete all-False mask) a certified matrix-free phase (``_certified_orthant_solve``)
     runs first and the active-set method only for the problems it leaves uncertified. See
     the module docstring for what "exact" means at extreme scales.
 
