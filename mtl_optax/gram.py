@@ -33,6 +33,29 @@ def task_gram(task_grads, mask: list[bool] | None = None, *, diagonal_only: bool
     return jnp.diag(gram) if diagonal_only else gram
 
 
+def task_gram_factor(task_grads, mask: list[bool] | None = None):
+    """Upper-triangular ``R`` (K, K) with ``RᵀR = G``: the R factor of ``Jᵀ = QR``.
+
+    Computed leaf by leaf and once more on the stacked factors (tall-skinny QR), so the
+    gradients are never concatenated. Householder QR is backward stable: ``R`` is the
+    factor of a Jacobian within ``eps ‖J‖`` of the true one, where the Gram's own rounding
+    is ``eps ‖J‖²``; a solve on ``R`` loses ``κ(J)`` digits, one on ``G`` loses ``κ(J)²``.
+    Checked against ``numpy.linalg.qr`` of the concatenated gradients in ``tests/test_gram.py``.
+    """
+    leaves = jax.tree_util.tree_leaves(task_grads)
+    k = jnp.shape(leaves[0])[0]
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    factors = [
+        jnp.linalg.qr(leaf.reshape(k, -1).astype(dtype).T, mode="r")
+        for use, leaf in zip(mask or [True] * len(leaves), leaves)
+        if use and leaf.size
+    ]
+    if not factors:
+        return jnp.zeros((k, k), dtype)
+    factor = jnp.linalg.qr(jnp.concatenate(factors, axis=0), mode="r")
+    return jnp.pad(factor, ((0, k - factor.shape[0]), (0, 0)))
+
+
 def power_of_two_exponent(task_grads, mask: list[bool] | None = None) -> jax.Array:
     """``e`` (int32) with ``max |g| · 2^-e`` in [0.5, 1) over the (masked) leaves; 0 if none.
 
@@ -64,13 +87,19 @@ def times_power_of_two(x: jax.Array, exponent: jax.Array) -> jax.Array:
     return x * jnp.ldexp(one, a) * jnp.ldexp(one, exponent - a)
 
 
-def scaled_task_gram(task_grads, mask: list[bool] | None = None, *, diagonal_only: bool = False):
-    """``(Ĝ, e)`` with ``G = 4^e · Ĝ``: the Gram of the gradients rescaled by ``2^-e``."""
+def _scaled(task_grads, mask):
+    """``(2^-e · J, e)`` with :func:`power_of_two_exponent`'s ``e`` (exact)."""
     exponent = power_of_two_exponent(task_grads, mask)
     scaled = jax.tree_util.tree_map(
         lambda g: times_power_of_two(g.astype(jnp.promote_types(g.dtype, jnp.float32)), -exponent),
         task_grads,
     )
+    return scaled, exponent
+
+
+def scaled_task_gram(task_grads, mask: list[bool] | None = None, *, diagonal_only: bool = False):
+    """``(Ĝ, e)`` with ``G = 4^e · Ĝ``: the Gram of the gradients rescaled by ``2^-e``."""
+    scaled, exponent = _scaled(task_grads, mask)
     return task_gram(scaled, mask, diagonal_only=diagonal_only), exponent
 
 
@@ -94,7 +123,9 @@ def weights_from_gradients(weighting, task_grads, losses, state, *, mask=None, *
     """Compute the Gram ``weighting`` needs (none, diagonal or full) and call it.
 
     Homogeneous weightings see the Gram of power-of-two rescaled gradients (exact at any
-    scale the dtype represents); others see the true Gram. Returns ``(weights, state)``.
+    scale the dtype represents); others see the true Gram. A weighting that
+    ``reads_gram_factor`` gets ``Ĝ = RᵀR`` and ``gram_factor=R`` from
+    :func:`task_gram_factor` instead. Returns ``(weights, state)``.
     """
     if not weighting.needs_gram:
         # a losses-only weighting learns K from the losses; without them, from diag(G)
@@ -105,7 +136,13 @@ def weights_from_gradients(weighting, task_grads, losses, state, *, mask=None, *
         return weighting.update(
             task_gram(task_grads, mask, diagonal_only=diagonal), losses, state, **extra
         )
-    gram, exponent = scaled_task_gram(task_grads, mask, diagonal_only=diagonal)
+    if weighting.reads_gram_factor and not diagonal:
+        scaled, exponent = _scaled(task_grads, mask)
+        factor = task_gram_factor(scaled, mask)
+        gram = jnp.matmul(factor.T, factor, precision=HIGHEST)
+        extra = {**extra, "gram_factor": factor}
+    else:
+        gram, exponent = scaled_task_gram(task_grads, mask, diagonal_only=diagonal)
     return apply_weighting(weighting, gram, losses, state, log2_scale=2 * exponent, **extra)
 
 

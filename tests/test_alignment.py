@@ -95,3 +95,71 @@ def test_preferences_and_errors():
         mtl.config(pref_vector=[1.0, float("nan")])
     with pytest.raises(ValueError, match="pref_vector"):
         update(mtl.aligned_mtl(pref_vector=[1.0, 2.0]), jac)
+
+
+def test_task_gram_factor_is_the_r_factor_of_the_gradients():
+    """Leaf by leaf then stacked (tall-skinny QR): ``R`` upper triangular, ``RᵀR`` the float64
+    Gram, ``|diag R|`` numpy's for the concatenated gradients; a masked leaf (NaN here) and a
+    zero-size one are left out, leaves shorter than K and K above the total size are padded."""
+    from mtl_optax.gram import task_gram_factor
+
+    rng = np.random.default_rng(0)
+    leaves = [
+        rng.normal(size=(5, 3, 4)),
+        rng.normal(size=(5, 2)),
+        np.zeros((5, 0)),
+        np.full((5, 7), np.nan),
+    ]
+    mask = [True, True, True, False]
+    factor = np.asarray(task_gram_factor([jnp.asarray(x, jnp.float32) for x in leaves], mask))
+    flat = np.concatenate([x.reshape(5, -1) for x, use in zip(leaves, mask) if use], axis=1)
+    assert factor.shape == (5, 5) and np.all(np.tril(factor, -1) == 0)
+    np.testing.assert_allclose(factor.T @ factor, flat @ flat.T, atol=1e-5 * np.sum(flat**2))
+    expected = np.abs(np.diag(np.linalg.qr(flat.T, mode="r")))
+    np.testing.assert_allclose(np.abs(np.diag(factor)), expected, atol=1e-5)
+    short = np.asarray(task_gram_factor([jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)]))
+    assert short.shape == (5, 5) and np.all(short[3:] == 0)
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e4])
+def test_config_from_the_gradients_loses_kappa_digits_not_kappa_squared(kappa):
+    """Held gradients give ConFIG the QR factor: float32 within 1e-3 of float64 on unit rows
+    of condition number ``κ`` = 1e3 … 1e4, where the float32 Gram (its rounding ``κ² eps``
+    ≥ 0.1) cannot tell the small singular values from zero and the Gram path moves by > 1e-2."""
+    from mtl_optax.gram import weights_from_gradients
+
+    def run(weighting, jac):
+        def weights(j):
+            return weights_from_gradients(weighting, [j], None, weighting.init(len(jac)))[0]
+
+        return np.asarray(jax.jit(weights)(jnp.asarray(jac)), np.float64) @ jac.astype(np.float64)
+
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        left, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+        right, _ = np.linalg.qr(rng.normal(size=(40, 5)))
+        jac = (left * np.geomspace(1.0, 1.0 / kappa, 5)) @ right.T
+        jac = (jac * np.exp(rng.uniform(0.0, 1.0, size=(5, 1)))).astype(np.float32)
+        reference = config_numpy(jac.astype(np.float64))
+        scale = np.linalg.norm(reference)
+        assert np.linalg.norm(run(mtl.config(), jac) - reference) <= 1e-3 * scale
+        from_gram = run(mtl.config()._replace(reads_gram_factor=False), jac)
+        assert np.linalg.norm(from_gram - reference) > 1e-2 * scale
+
+
+def test_config_gram_factor_shape_is_checked():
+    w = mtl.config()
+    with pytest.raises(ValueError, match=r"`gram_factor` must be the \(3, 3\) factor"):
+        w.update(jnp.eye(3), None, w.init(3), gram_factor=jnp.eye(2))
+
+
+def test_cr_mogm_hands_the_factor_to_a_wrapped_config():
+    """The wrapper forwards ``gram_factor``: its first step is ConFIG's own, bit for bit."""
+    from mtl_optax.gram import weights_from_gradients
+
+    jac = jnp.asarray(jacobian(5, k=4, dim=30), jnp.float32)
+    inner, wrapped = mtl.config(), mtl.cr_mogm(mtl.config())
+    assert wrapped.reads_gram_factor
+    expected = weights_from_gradients(inner, [jac], None, inner.init(4))[0]
+    got = weights_from_gradients(wrapped, [jac], None, wrapped.init(4))[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))

@@ -108,12 +108,15 @@ FAMILIES = {
 # (method, family prefix) -> (checks skipped there, why float32 cannot do better)
 OUT_OF_RANGE = "the true Gram (‖g‖² = 1e±60) is outside float32's range"
 EXCLUDED = {
-    ("config", "opposite"): (
-        {"conflict"},
-        "K > 2 nearly opposite unit gradients are dependent to within a float32 Gram's "
-        "rounding; ConFIG is then the least-squares (pinv) direction, which conflicts as for "
-        "exactly dependent gradients (K = 2 gives u = 0)",
-    ),
+    **{
+        ("config", f"opposite{d:.0e}"): (
+            {"conflict"},
+            "K > 2 unit gradients within 1e-5 of ± one direction are dependent to within the "
+            "rounding of their QR factor (16 K eps); ConFIG is then the least-squares (pinv) "
+            "direction, which conflicts as for exactly dependent gradients",
+        )
+        for d in (1e-5, 1e-6)
+    },
     ("config", "rank"): ({"conflict"}, "dependent unit gradients: pinv conflicts in float64 too"),
     ("mgda_frank_wolfe", ""): (
         {"agree", "linear", "equivariant"},

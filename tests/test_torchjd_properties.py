@@ -213,11 +213,7 @@ def close(actual, expected, atol, rtol):
 
 
 # Known gaps, open: each fails today and must start passing (strict) when fixed.
-KNOWN_FAILURES = {
-    "ConFIG": "float32 gap on torchjd's own inputs (torchjd passes them): permutation misses "
-    "1e-4 + 1e-4|.| by 1.31x on the strong 20 x 100 rank-19 matrix, linearity by 1.003x on "
-    "the normal 4 x 3 rank-3 matrix (more rows than rank, as the issue's audit found)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _asked(checks):

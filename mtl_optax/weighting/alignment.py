@@ -34,7 +34,9 @@ agreement), including norm spreads up to 10⁸ and exactly rank-deficient Jacobi
   independent to within the Gram's resolution (every ``⟨ĝ_i, u⟩`` is then a positive
   multiple of ``p_i``); for dependent ones ``v`` is the least-squares solution, which can
   conflict (as in exact arithmetic). When the preference has no component the Gram resolves
-  (two nearly opposite tasks in float32) the weights are 0.
+  (two nearly opposite tasks in float32) the weights are 0. Where the tier holds the
+  gradients ConFIG solves on their QR factor instead (see :func:`config`), which resolves
+  angles down to ≈ ``16 K eps`` (≈ 10⁻⁵ in float32).
 
 All three are scale-free (``homogeneity = 0``): linear under gradient scaling.
 """
@@ -186,9 +188,16 @@ def config(*, pref_vector=None) -> Weighting:
     Zero gradients are left out of the unit gradients (torchjd's ``nan_to_num``); all-zero
     gradients give zero weights.
 
+    ``update`` also takes ``gram_factor=R`` (upper triangular, ``RᵀR = G``), which the tiers
+    that hold the task gradients pass (from a QR factorisation of the gradients): the solve
+    then uses the SVD of ``R D`` and loses ``κ`` digits instead of the Gram's ``κ²``, as
+    torchjd's ``pinv`` of the unit Jacobian; without it the solve is on ``G``.
+
     Checked in ``tests/test_alignment.py`` against a float64 NumPy transcription on the
     Jacobian (unit rows, ``pinv``), the torchjd example
-    ``J = [[-4, 1, 1], [6, 1, 1]] → u = [0.1588, 2.0706, 2.0706]`` and the torchjd fixtures.
+    ``J = [[-4, 1, 1], [6, 1, 1]] → u = [0.1588, 2.0706, 2.0706]`` and the torchjd fixtures;
+    in float32 both paths against float64 in ``tests/test_float32_hard.py`` and torchjd's own
+    property asserts on its test matrices in ``tests/test_torchjd_properties.py``.
 
     Example::
 
@@ -197,19 +206,58 @@ def config(*, pref_vector=None) -> Weighting:
     """
     check_preference(pref_vector)
 
-    def update(gram, losses, state, **extra):
+    def update(gram, losses, state, *, gram_factor=None, **extra):
         del extra
         k, gram, _ = check_inputs(weighting, gram, losses)
         pref = check_preference(pref_vector, k)
         pref = jnp.ones(k, gram.dtype) if pref is None else jnp.asarray(pref, gram.dtype)
-        d = _unit_scaling(gram)
-        x, resolved = pinv_apply(gram * d[:, None] * d[None, :], pref)
-        a = d * x
-        g_a = jnp.matmul(gram, a, precision=_HIGHEST)
-        norm2 = a @ g_a
+        if gram_factor is None:
+            d = _unit_scaling(gram)
+            x, resolved = pinv_apply(gram * d[:, None] * d[None, :], pref)
+            a = d * x
+            g_a = jnp.matmul(gram, a, precision=_HIGHEST)
+            total, norm2 = jnp.sum(g_a), a @ g_a
+        else:
+            a, r_a, resolved = _unit_min_norm(_check_factor(gram_factor, k, gram.dtype), pref)
+            total = jnp.sum(jnp.matmul(gram_factor.T.astype(gram.dtype), r_a, precision=_HIGHEST))
+            norm2 = r_a @ r_a
         valid = resolved & (norm2 > 0)
-        weights = jnp.where(valid, jnp.sum(g_a) / jnp.where(valid, norm2, 1.0), 0.0) * a
+        weights = jnp.where(valid, total / jnp.where(valid, norm2, 1.0), 0.0) * a
         return finish(jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)), state
 
-    weighting = Weighting(empty_init, update, needs_gram=True, homogeneity=0.0)
+    weighting = Weighting(
+        empty_init, update, needs_gram=True, homogeneity=0.0, reads_gram_factor=True
+    )
     return weighting
+
+
+def _check_factor(factor, k, dtype):
+    """``gram_factor`` must be a (K, K) array (``RᵀR = G``)."""
+    if jnp.shape(factor) != (k, k):
+        raise ValueError(
+            f"`gram_factor` must be the ({k}, {k}) factor R with RᵀR = gram, got shape "
+            f"{jnp.shape(factor)}."
+        )
+    return jnp.asarray(factor).astype(dtype)
+
+
+def _unit_min_norm(factor, pref):
+    """``(a, R a, resolved)`` of ConFIG on the factor ``R`` of ``G = RᵀR``: ``a = D x``,
+    ``x = (UUᵀ)⁺ p`` with ``U = D J``, from the SVD ``R D = W S Zᵀ`` (so ``UUᵀ = Z S² Zᵀ``):
+    ``x = Z S⁻² Zᵀ p`` and ``R a = W S⁻¹ Zᵀ p``, whose norm ``‖v‖`` never squares a singular
+    value. ``S_i`` counts as zero below the factor's rounding along ``Z_i``,
+    ``16 K eps ‖Z_i‖₁`` (the columns of ``R D`` are unit), as :func:`spectrum` on the Gram."""
+    k = factor.shape[0]
+    norms = jnp.linalg.norm(factor, axis=0)
+    positive = norms > 0
+    d = jnp.where(positive, 1.0 / jnp.where(positive, norms, 1.0), 0.0)
+    left, singular, right_t = jnp.linalg.svd(factor * d[None, :])
+    noise = default_rank_rtol(k, factor.dtype)
+    coefficients = jnp.matmul(right_t, pref, precision=_HIGHEST)
+    resolved = jnp.abs(coefficients) > noise * jnp.linalg.norm(pref)
+    kept = resolved & (singular > noise * jnp.sum(jnp.abs(right_t), axis=1))
+    coefficients = jnp.where(kept, coefficients, 0.0)
+    inverse = jnp.where(kept, 1.0 / jnp.where(kept, singular, 1.0), 0.0)
+    x = jnp.matmul(right_t.T, coefficients * inverse * inverse, precision=_HIGHEST)
+    r_a = jnp.matmul(left, coefficients * inverse, precision=_HIGHEST)
+    return d * x, r_a, jnp.linalg.norm(coefficients) > noise * jnp.linalg.norm(pref)

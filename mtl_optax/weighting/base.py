@@ -12,6 +12,9 @@ spirit of ``optax.GradientTransformation``:
 
 ``needs_gram="diagonal"`` says that only ``diag(G)`` (the squared gradient norms) is read:
 the tiers then pass ``diag(‖g_i‖²)`` as a diagonal matrix and skip the K² inner products.
+``reads_gram_factor=True`` says that ``update`` also reads ``gram_factor=R`` (``RᵀR = G``,
+``R`` upper triangular from a QR factorisation of the gradients), which the tiers holding
+the gradients pass; it must still accept the Gram alone (the bounded-memory tiers).
 
 Weights are (K,) in float32 (float64 for float64 inputs) and ``stop_gradient``-ed: no solver
 is differentiated through.
@@ -60,6 +63,10 @@ class Weighting(NamedTuple):
     scalarization: bool | None = None
     # the method's name in states and errors; None: that of the function defining `update`
     name: str | None = None
+    # whether ``update`` also reads ``gram_factor=R`` (upper triangular, ``RᵀR = G``, from a QR
+    # factorisation of the gradients), which tiers holding the gradients pass: solves on ``R``
+    # lose ``κ(J)`` digits where solves on ``G`` lose ``κ(J)²``
+    reads_gram_factor: bool = False
 
 
 def scales_heads(weighting: Weighting) -> bool:

@@ -172,4 +172,5 @@ def cr_mogm(
         needs_losses=weighting.needs_losses,
         homogeneity=homogeneity,
         scalarization=scales_heads(weighting),  # the heads follow the wrapped method's rule
+        reads_gram_factor=weighting.reads_gram_factor,  # `extra` reaches the wrapped update
     )
