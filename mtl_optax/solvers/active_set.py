@@ -374,7 +374,7 @@ def min_norm_weights(
         _check_vector("init_support", init_support, k, kind="bool")
     max_iters = check_iters(3 * k + 10 if max_iters is None else max_iters)
     # Known at trace time to have no equality constraint (a concrete all-False mask).
-    orthant_only = offset is not None and _is_concrete(primary) and not np.any(primary)
+    orthant_only = offset is not None and _is_concrete(primary) and not np.any(np.asarray(primary))
     dtype = _compute_dtype(gram)
     kkt_tol, ridge_rel = _tolerances(dtype)
     tiny = jnp.finfo(dtype).tiny
