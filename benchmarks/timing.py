@@ -196,9 +196,10 @@ class TorchProcess:
             raise RuntimeError("the PyTorch worker exited (see its error output above).")
         return json.loads(line)
 
-    def alone(self, calls: int) -> float:
-        """Median seconds of ``calls`` consecutive plain steps (JAX idle meanwhile)."""
-        return self.ask(f"alone {calls}")["median"]
+    def alone(self, calls: int, name: str = TORCH_PLAIN) -> float:
+        """Median seconds of ``calls`` consecutive calls of the worker's ``name`` (default its
+        plain step; JAX idle meanwhile)."""
+        return self.ask(f"alone {calls} {name}")["median"]
 
     def close(self) -> None:
         try:
@@ -337,14 +338,14 @@ def serve(kind: str, npz: str) -> None:
     reply = lambda obj: print(json.dumps(obj), flush=True)  # noqa: E731
     reply({"ready": torch.__version__})
     for line in sys.stdin:
-        command = line.split()
+        command = line.strip().split(maxsplit=2)  # "alone <calls> <name with spaces>"
         if not command or command[0] == "quit":
             break
         if command[0] == "alone":
             times = []
             for _ in range(int(command[1])):
                 start = time.perf_counter()
-                calls[TORCH_PLAIN]()
+                calls[command[2]]()
                 times.append(time.perf_counter() - start)
             reply({"median": float(np.median(times))})
         elif command[0] == "round":
