@@ -149,8 +149,9 @@ def test_config_from_the_gradients_loses_kappa_digits_not_kappa_squared(kappa):
 
 def test_config_gram_factor_shape_is_checked():
     w = mtl.config()
-    with pytest.raises(ValueError, match=r"`gram_factor` must be the \(3, 3\) factor"):
-        w.update(jnp.eye(3), None, w.init(3), gram_factor=jnp.eye(2))
+    for bad in (jnp.eye(2), jnp.eye(3, dtype=jnp.complex64), jnp.eye(3, dtype=jnp.int32), "R"):
+        with pytest.raises(ValueError, match=r"`gram_factor` must be the real \(3, 3\) factor"):
+            w.update(jnp.eye(3), None, w.init(3), gram_factor=bad)
 
 
 def test_cr_mogm_hands_the_factor_to_a_wrapped_config():

@@ -32,6 +32,8 @@ Properties, in float32, as declared in ``tests/test_aggregator_properties.py``:
 * finite weights everywhere.
 
 The random weighting is compared on its properties only (its normal draws depend on the dtype).
+ConFIG runs twice: through the gradients' QR factor (``config``, as the tiers that hold the
+gradients run it) and from the Gram alone (``config_from_the_gram``, the bounded-memory tiers).
 
 ``EXCLUDED`` lists the (method, family) pairs where a claim cannot hold from a float32 Gram,
 with the reason; each method's docstring says the same.
@@ -118,6 +120,16 @@ EXCLUDED = {
         for d in (1e-5, 1e-6)
     },
     ("config", "rank"): ({"conflict"}, "dependent unit gradients: pinv conflicts in float64 too"),
+    ("config_from_the_gram", "opposite"): (
+        {"conflict"},
+        "K > 2 nearly opposite unit gradients are dependent to within a float32 Gram's "
+        "rounding; ConFIG is then the least-squares (pinv) direction, which conflicts as for "
+        "exactly dependent gradients (K = 2 gives u = 0)",
+    ),
+    ("config_from_the_gram", "rank"): (
+        {"conflict"},
+        "dependent unit gradients: pinv conflicts in float64 too",
+    ),
     ("mgda_frank_wolfe", ""): (
         {"agree", "linear", "equivariant"},
         "Frank-Wolfe is approximate (stops at a |Δα|₁ tolerance or an iteration cap, sublinear "
@@ -154,6 +166,17 @@ EXCLUDED = {
         "weights ∝ ‖g‖^(-4/3) = 1e+40 are above float32's range",
     ),
 }
+
+
+# A method that reads the gradients' QR factor, as the bounded-memory tiers run it (the Gram
+# alone): name -> the zoo method
+FROM_THE_GRAM = {"config_from_the_gram": "config"}
+
+
+def make_weighting(name, k):
+    if name in FROM_THE_GRAM:
+        return zoo.WEIGHTINGS[FROM_THE_GRAM[name]](k)._replace(reads_gram_factor=False)
+    return zoo.WEIGHTINGS[name](k)
 
 
 def checked(name, names, check):
@@ -241,7 +264,7 @@ class Runner:
     """One compiled float32 and one compiled float64 ``vmap`` per (method, K)."""
 
     def __init__(self, name, k):
-        self.weighting = zoo.WEIGHTINGS[name](k)
+        self.weighting = make_weighting(name, k)
         self.k = k
         w = self.weighting
 
@@ -314,9 +337,9 @@ def conflicts(jacs, u, weights):
     return np.min(np.einsum("bkd,bd->bk", g, u) + tol, axis=1)
 
 
-@pytest.mark.parametrize("name", list(zoo.WEIGHTINGS))
+@pytest.mark.parametrize("name", list(zoo.WEIGHTINGS) + list(FROM_THE_GRAM))
 def test_float32_matches_float64_and_keeps_its_properties(name):
-    claims = PROPERTIES[name]
+    claims = PROPERTIES[FROM_THE_GRAM.get(name, name)]
     for k in KS if name != "krum" else KS[1:]:  # krum needs K >= n_byzantine + 3
         runner = Runner(name, k)
         names, jacs, gram, perturbed = prepared_cases(k)

@@ -232,11 +232,13 @@ def config(*, pref_vector=None) -> Weighting:
 
 
 def _check_factor(factor, k, dtype):
-    """``gram_factor`` must be a (K, K) array (``RᵀR = G``)."""
-    if jnp.shape(factor) != (k, k):
+    """``gram_factor`` must be a real (K, K) array (``RᵀR = G``)."""
+    dtype = getattr(factor, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.shape(factor) != (k, k):
         raise ValueError(
-            f"`gram_factor` must be the ({k}, {k}) factor R with RᵀR = gram, got shape "
-            f"{jnp.shape(factor)}."
+            f"`gram_factor` must be the real ({k}, {k}) factor R with RᵀR = gram (an array), "
+            f"got {type(factor).__name__} of shape {jnp.shape(factor) if dtype else '-'} and "
+            f"dtype {dtype}."
         )
     return jnp.asarray(factor).astype(dtype)
 
