@@ -164,3 +164,17 @@ def test_cr_mogm_hands_the_factor_to_a_wrapped_config():
     expected = weights_from_gradients(inner, [jac], None, inner.init(4))[0]
     got = weights_from_gradients(wrapped, [jac], None, wrapped.init(4))[0]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("spread", [1e20, 1e30])
+def test_config_from_the_gradients_at_norm_spreads_beyond_the_gram(spread):
+    """Gradient norms ``spread`` apart: their squares leave float32's range (the Gram sees
+    the small gradient as zero), the QR factor does not. Float32 within 1e-5 of float64."""
+    from mtl_optax.gram import weights_from_gradients
+
+    jac = np.array([[spread, 3.0, 0.0], [1.0, -1.0, 1.0], [2.0, 0.0, 0.5]], np.float32)
+    w = mtl.config()
+    weights = weights_from_gradients(w, [jnp.asarray(jac)], None, w.init(3))[0]
+    u = np.asarray(weights, np.float64) @ jac.astype(np.float64)
+    reference = config_numpy(jac.astype(np.float64))
+    np.testing.assert_allclose(u, reference, rtol=1e-5, atol=1e-5 * np.linalg.norm(reference))

@@ -191,7 +191,8 @@ def config(*, pref_vector=None) -> Weighting:
     ``update`` also takes ``gram_factor=R`` (upper triangular, ``RᵀR = G``), which the tiers
     that hold the task gradients pass (from a QR factorisation of the gradients): the solve
     then uses the SVD of ``R D`` and loses ``κ`` digits instead of the Gram's ``κ²``, as
-    torchjd's ``pinv`` of the unit Jacobian; without it the solve is on ``G``.
+    torchjd's ``pinv`` of the unit Jacobian, and resolves gradient norms up to ~1e30 apart
+    (the float32 Gram squares them: ~1e19); without it the solve is on ``G``.
 
     Checked in ``tests/test_alignment.py`` against a float64 NumPy transcription on the
     Jacobian (unit rows, ``pinv``), the torchjd example
@@ -250,8 +251,12 @@ def _unit_min_norm(factor, pref):
     value. ``S_i`` counts as zero below the factor's rounding along ``Z_i``,
     ``16 K eps ‖Z_i‖₁`` (the columns of ``R D`` are unit), as :func:`spectrum` on the Gram."""
     k = factor.shape[0]
-    norms = jnp.linalg.norm(factor, axis=0)
-    positive = norms > 0
+    # ‖g_i‖ without squaring g_i itself (norm spreads beyond 1e19): columns scaled by the
+    # power of two of their largest entry, exactly
+    peak = jnp.max(jnp.abs(factor), axis=0)
+    positive = peak > 0
+    _, exponent = jnp.frexp(jnp.where(positive, peak, 1.0))
+    norms = jnp.ldexp(jnp.linalg.norm(jnp.ldexp(factor, -exponent[None, :]), axis=0), exponent)
     d = jnp.where(positive, 1.0 / jnp.where(positive, norms, 1.0), 0.0)
     left, singular, right_t = jnp.linalg.svd(factor * d[None, :])
     noise = default_rank_rtol(k, factor.dtype)
