@@ -40,7 +40,8 @@ def task_gram_factor(task_grads, mask: list[bool] | None = None):
     gradients are never concatenated. Householder QR is backward stable: ``R`` is the
     factor of a Jacobian within ``eps ‖J‖`` of the true one, where the Gram's own rounding
     is ``eps ‖J‖²``; a solve on ``R`` loses ``κ(J)`` digits, one on ``G`` loses ``κ(J)²``.
-    Checked against ``numpy.linalg.qr`` of the concatenated gradients in ``tests/test_gram.py``.
+    Checked against ``numpy.linalg.qr`` of the concatenated gradients in
+    ``tests/test_alignment.py``.
     """
     leaves = jax.tree_util.tree_leaves(task_grads)
     k = jnp.shape(leaves[0])[0]

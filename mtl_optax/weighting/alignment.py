@@ -219,9 +219,9 @@ def config(*, pref_vector=None) -> Weighting:
             g_a = jnp.matmul(gram, a, precision=_HIGHEST)
             total, norm2 = jnp.sum(g_a), a @ g_a
         else:
-            a, r_a, resolved = _unit_min_norm(_check_factor(gram_factor, k, gram.dtype), pref)
-            total = jnp.sum(jnp.matmul(gram_factor.T.astype(gram.dtype), r_a, precision=_HIGHEST))
-            norm2 = r_a @ r_a
+            factor = _check_factor(gram_factor, k, gram.dtype)
+            a, r_a, resolved = _unit_min_norm(factor, pref)
+            total, norm2 = jnp.sum(jnp.matmul(factor.T, r_a, precision=_HIGHEST)), r_a @ r_a
         valid = resolved & (norm2 > 0)
         weights = jnp.where(valid, total / jnp.where(valid, norm2, 1.0), 0.0) * a
         return finish(jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)), state
@@ -233,13 +233,13 @@ def config(*, pref_vector=None) -> Weighting:
 
 
 def _check_factor(factor, k, dtype):
-    """``gram_factor`` must be a real (K, K) array (``RᵀR = G``)."""
-    dtype = getattr(factor, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.shape(factor) != (k, k):
+    """``gram_factor`` must be a real (K, K) array (``RᵀR = G``); returned in ``dtype``."""
+    given = getattr(factor, "dtype", None)
+    if given is None or not jnp.issubdtype(given, jnp.floating) or jnp.shape(factor) != (k, k):
         raise ValueError(
             f"`gram_factor` must be the real ({k}, {k}) factor R with RᵀR = gram (an array), "
-            f"got {type(factor).__name__} of shape {jnp.shape(factor) if dtype else '-'} and "
-            f"dtype {dtype}."
+            f"got {type(factor).__name__} of shape {jnp.shape(factor) if given else '-'} and "
+            f"dtype {given}."
         )
     return jnp.asarray(factor).astype(dtype)
 
