@@ -162,9 +162,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     torch, notes = None, []
 
-    def ratio(seconds, kind=""):
-        return f"{seconds / steps[f'torchjd {kind}'.strip()]:.2f}×"
-
     if torch_python is not None:
         arrays = dict(sizes=sizes, aggregator=torch_name, lr=1e-3, x=np.asarray(x), y=np.asarray(y))
         arrays["solve_matrix"] = np.asarray(solve_matrix(largest))
@@ -197,10 +194,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     ours = f"{1e3 * steps['ours']:.2f}"
     theirs = withheld if torch is None else f"{1e3 * steps['torchjd']:.2f}"
+    ratio = "–" if withheld else f"{steps['ours'] / steps['torchjd']:.2f}×"
     step_table = (
         f"| K | method | ours (ms) | torchjd {torch_name} (ms) | ours / torchjd |\n"
         "|---|---|---|---|---|\n"
-        f"| {k} | {method} | {ours} | {theirs} | {'–' if withheld else ratio(steps['ours'])} |"
+        f"| {k} | {method} | {ours} | {theirs} | {ratio} |"
     )
     step_table += "".join(f"\n\n* {note}" for note in notes)
     text = (
