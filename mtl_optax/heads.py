@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Literal
 
+from mtl_optax.feature_gram import factor_features
 from mtl_optax.task_gradients import NONE, SLICED, TASK
 
 
@@ -146,6 +147,9 @@ class HeadsForward(NamedTuple):
     ``stack_shared`` the leaves of role ``"task"`` come back stacked per task instead.
     ``weighted(c)`` returns ``(head_grads, Σ_i c_i ∂L_i/∂z)``: the same head gradients and the
     feature cotangent of the weighted loss ``Σ_i c_i L_i``, without the per-task copies.
+    ``factored(diagonal_only)`` returns the head gradients of ``c = 1`` and the feature
+    gradients as the factors of ``mtl_optax.feature_gram``, or None where the heads read
+    ``z`` otherwise or materialising costs less.
     """
 
     losses: jax.Array
@@ -153,6 +157,7 @@ class HeadsForward(NamedTuple):
     roles: list  # per head leaf: task index, "task", "sliced" or "none"
     backward: Callable
     weighted: Callable
+    factored: Callable
 
 
 def run_sequence(fns, labels, head_leaves, call, z, carry, reads) -> HeadsForward:
@@ -188,7 +193,7 @@ def run_sequence(fns, labels, head_leaves, call, z, carry, reads) -> HeadsForwar
         grads, features = backward(c)
         return grads, jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), features)
 
-    return HeadsForward(jnp.stack(losses), carry, roles, backward, weighted)
+    return HeadsForward(jnp.stack(losses), carry, roles, backward, weighted, lambda _: None)
 
 
 def run_stacked(head_leaves, positions, call, z, k, carry) -> HeadsForward:
@@ -232,15 +237,25 @@ def run_stacked(head_leaves, positions, call, z, k, carry) -> HeadsForward:
             return task_vjp(c[i])
 
         (selected, features), _ = call(head_leaves, carry_in, per_task)
+        return _place(selected), features
+
+    def _place(selected):
+        """The gradients of the selected leaves at their places among the head leaves."""
         grads = [jnp.zeros_like(x) for x in head_leaves]
         for position, grad in zip(positions, jax.tree_util.tree_leaves(selected)):
             grads[position] = grads[position] + grad
-        return grads, features
+        return grads
 
     def weighted(c):
         return vjp(c.astype(losses.dtype))
 
-    return HeadsForward(losses, carry, roles, backward, weighted)
+    def factored(diagonal_only):
+        out = factor_features(call, head_leaves, z, k, carry_in, diagonal_only)
+        if out is None:
+            return None
+        return _place(out[0]), out[1]
+
+    return HeadsForward(losses, carry, roles, backward, weighted, factored)
 
 
 def selected_positions(selected: Any, leaves: Sequence[Any], what: str) -> list[int]:

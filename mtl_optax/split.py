@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mtl_optax.feature_gram import factored_combine, factored_gram
 from mtl_optax.gram import (
     HIGHEST,
     apply_weighting,
@@ -314,7 +315,16 @@ def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_si
     losses = forward.losses
     ones = jnp.ones_like(losses)
     unit = None  # (head grads, feature grads) of the cotangent 1
-    if weighting.needs_gram:
+    factored = None  # (head grads, the feature gradients as factors) of the cotangent 1
+    diagonal = weighting.needs_gram == "diagonal"
+    if weighting.needs_gram and gram == "features" and not weighting.reads_gram_factor:
+        factored = forward.heads.factored(diagonal)
+    if factored is not None:
+        g, exponent = factored_gram(factored[1], diagonal_only=diagonal)
+        weights, state = apply_weighting(
+            weighting, g, losses, weighting_state, log2_scale=2 * exponent, **extra
+        )
+    elif weighting.needs_gram:
         unit = forward.heads.backward(ones)
         feature_grads = unit[1]
         if gram == "features":
@@ -328,7 +338,7 @@ def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_si
                 forward.encoder_vjp,
                 forward.encoder_jvp,
                 feature_grads,
-                diagonal_only=weighting.needs_gram == "diagonal",
+                diagonal_only=diagonal,
                 chunk_size=chunk_size,
                 exponent=exponent,
             )
@@ -339,6 +349,8 @@ def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_si
         weights, state = weighting.update(None, losses, weighting_state, **extra)
     if scales_heads(weighting):
         head_grads, z_cotangent = forward.heads.weighted(weights)
+    elif factored is not None:
+        head_grads, z_cotangent = factored[0], factored_combine(factored[1], weights)
     else:
         head_grads, feature_grads = unit if unit is not None else forward.heads.backward(ones)
         z_cotangent = jax.tree_util.tree_map(
@@ -369,9 +381,11 @@ def split_value_and_grad(
 
     * ``"features"`` (default, tier 2): ``G_ij = ⟨∂L_i/∂z, ∂L_j/∂z⟩``, all feature
       gradients from one backward pass through the heads: about one training step at any K.
-      It approximates the parameter Gram (exact when the encoder Jacobian is orthogonal) and
-      only makes sense when the tasks share input samples (with disjoint samples the feature
-      gradients are orthogonal).
+      Stacked heads whose first layer is a product with ``z`` (dense heads) give it from
+      that layer's factors without forming the K feature gradients, where that costs less
+      (``mtl_optax.feature_gram``). It approximates the parameter Gram (exact when the
+      encoder Jacobian is orthogonal) and only makes sense when the tasks share input
+      samples (with disjoint samples the feature gradients are orthogonal).
     * ``"parameters"`` (tier 3 with bounded memory): the exact Gram of the per-task encoder
       gradients, by ``mtl_optax.gram.linear_gram`` (K encoder backward + K forward-mode
       passes, ``chunk_size`` at a time), never holding more than ``chunk_size`` gradients: the
