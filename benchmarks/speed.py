@@ -217,6 +217,8 @@ def peak_bytes(step: Callable, state, batch) -> int:
 
 
 MEMORY_STEPS = ("plain", "tier 3 MGDA (split)", "tier 3 MGDA (bounded)")
+# The steps of about one training step, timed again in rounds without the others.
+LIGHT_STEPS = ("plain", "tier 1 (split)", "tier 2 MGDA (split)")
 
 
 def memory_rows(
@@ -368,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     notes: list[str] = []
     withheld: dict[int, str | None] = {}  # K -> why no torchjd ratio (None: printed)
     torch_version = None
+    light: dict[int, dict[str, float]] = {}  # K -> the light steps timed in rounds of their own
     for num_tasks in args.num_tasks:
         params, (x, y) = problem(num_tasks, sizes, args.batch_size)
         calls = {
@@ -380,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             torch = TorchProcess(torch_python, "multitask", arrays)
             torch_version = torch.version
         row, sanity, withheld[num_tasks] = timed_rounds(calls, calls=args.steps, torch=torch)
+        light[num_tasks] = interleaved_medians(
+            {name: calls[name] for name in LIGHT_STEPS}, calls=args.steps
+        )
         if sanity is not None:
             reason = withheld[num_tasks]
             notes.append(f"K = {num_tasks}: {sanity}" + (f" No ratio: {reason}." if reason else ""))
@@ -403,6 +409,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             cells.append(_cell(row["torchjd MGDA step"], reference))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
+    light_lines = ["| K | " + " | ".join(LIGHT_STEPS) + " |", "|" + "---|" * (1 + len(LIGHT_STEPS))]
+    for num_tasks, row in light.items():
+        cells = [_cell(row[n], None if n == "plain" else row["plain"]) for n in LIGHT_STEPS]
+        light_lines.append(f"| {num_tasks} | " + " | ".join(cells) + " |")
+    light_table = "\n".join(light_lines)
 
     memory = memory_rows(args.memory_tasks, sizes, args.batch_size, args.memory_steps)
     memory_lines = [
@@ -449,6 +460,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"\n\nRun with `python -m benchmarks.speed {' '.join(argv)}`.\n\n"
         + table
         + "".join(f"\n\n* {note}" for note in notes)
+        + "\n\nThe steps of about one backward pass, timed again in rounds of their own (no "
+        "tier-3 step of 10-100× their time and no PyTorch share between two of their calls, "
+        "as in a training loop that runs one step over and over; same medians and ratios):"
+        "\n\n"
+        + light_table
         + "\n\nPeak memory of the compiled step (XLA memory analysis: arguments + outputs + "
         "temporaries - aliased) and median step time over "
         f"{args.memory_steps} calls; bounded mode with chunk min(K, 4).\n\n"
@@ -459,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(table)
     print()
+    print(light_table)
+    print()
     print(memory_table)
     print()
     print(solve_table)
@@ -466,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"wrote {path}")
     return {
         "table": table,
+        "light_table": light_table,
         "memory_table": memory_table,
         "solve_table": solve_table,
         "rows": rows,
