@@ -1,5 +1,7 @@
 """Tier 2's factored feature Gram (mtl_optax.feature_gram) against jax.jacrev at the features."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +104,53 @@ def test_factored_gram_and_combine_equal_jacrev_in_float64(head):
         )
 
 
+@settings(max_examples=8, deadline=None)
+@given(
+    k=st.integers(1, 5),
+    rows=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+    d=st.integers(1, 9),
+    f=st.integers(1, 4),
+    lhs=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_factored_route_equals_jacrev_over_shapes(k, rows, d, f, lhs, seed):
+    """Any row axes (B or B × T), feature width, head width and operand side, K = 1..5;
+    the route forced (at these sizes materialising would be cheaper)."""
+
+    def encoder(params, batch):
+        return jnp.tanh(batch["x"] @ params["trunk"]).reshape(*rows, d)
+
+    def head(hp, z, batch, i):
+        if lhs:  # z the lhs of the product: y (*rows, f)
+            y, bias = z @ hp["w"], hp["b"]
+        else:  # z the rhs: y (f, *rows)
+            y = jnp.einsum("df,...d->f...", hp["w"], z)
+            bias = hp["b"].reshape((f,) + (1,) * len(rows))
+        return jnp.sum(jnp.sin(y) * bias)
+
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+        params = {
+            "trunk": jax.random.normal(keys[0], (3, d), jnp.float64),
+            "heads": {
+                "w": jax.random.normal(keys[1], (k, d, f), jnp.float64),
+                "b": jax.random.normal(keys[2], (k, f), jnp.float64),
+            },
+        }
+        n = int(np.prod(rows))
+        batch = {"x": jax.random.normal(keys[3], (n, 3), jnp.float64)}
+        with mock.patch.object(feature_gram, "ghost_is_cheaper", lambda *a, **kw: True):
+            out = factored(encoder, head, params, batch)
+        rows_ = jacrev_rows(encoder, head, params, batch)
+        w = jnp.linspace(-1.0, 2.0, k)
+        gram, comb = gram_and_combine(out, w)
+        scale = max(np.abs(rows_ @ rows_.T).max(), 1e-300)
+        np.testing.assert_allclose(gram, rows_ @ rows_.T, rtol=1e-10, atol=1e-12 * scale)
+        np.testing.assert_allclose(
+            comb, np.asarray(w) @ rows_, rtol=1e-10, atol=1e-12 * np.abs(rows_).max()
+        )
+
+
 def test_head_gradients_of_the_factored_pass_are_each_tasks_own():
     params, batch = init(jax.random.PRNGKey(1), k=4)
     head_grads, _ = factored(encode, dense_head, params, batch)
@@ -144,6 +193,18 @@ def test_heads_that_read_z_otherwise_or_wide_first_layers_materialise():
         return jnp.mean(z @ hp["w"]) + jnp.mean(z)
 
     assert factored(encode, skip_head, params, batch) is None
+
+    def two_contractions(hp, z, batch, i):  # contracts z's features, then its rows
+        return jnp.mean(z @ hp["w"]) + jnp.mean(jnp.ones((2, z.shape[0])) @ z)
+
+    def stopped(hp, z, batch, i):
+        return jnp.mean(jax.lax.stop_gradient(z) @ hp["w"])
+
+    def in_cond(hp, z, batch, i):
+        return jax.lax.cond(i > 0, lambda: jnp.mean(z @ hp["w"]), lambda: 0.0)
+
+    for head in (two_contractions, stopped, in_cond):
+        assert factored(encode, head, params, batch) is None, head.__name__
     # a 64-wide first layer on 32 features: materialising costs fewer multiply-adds
     wide = {**params, "heads": {**params["heads"], "w": jnp.ones((3, 32, 64))}}
 
@@ -177,7 +238,7 @@ def test_the_route_follows_the_multiply_add_counts():
         assert route == [expect]
 
 
-@pytest.mark.parametrize("name", ["mgda", "upgrad", "imtl_g", "gradient_normalized"])
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "imtl_g", "gradient_normalized", "gradnorm"])
 def test_tier2_factored_equals_tier2_materialised(name, monkeypatch):
     """The whole tier-2 step (weights, encoder and head gradients) by both routes."""
     params, batch = init(jax.random.PRNGKey(4), k=4)
@@ -185,7 +246,8 @@ def test_tier2_factored_equals_tier2_materialised(name, monkeypatch):
         "mgda": mtl.mgda(),
         "upgrad": mtl.upgrad(),
         "imtl_g": mtl.imtl_g(),
-        "gradient_normalized": mtl.gradient_normalized(),
+        "gradient_normalized": mtl.gradient_normalized(),  # diag(G)
+        "gradnorm": mtl.gradnorm(),  # diag(G), and scales the heads
     }[name]
     grad_fn = mtl.split_value_and_grad(encode, stacked(dense_head), method)
     _, grads_f, state_f = grad_fn(params, batch, grad_fn.init(params))
