@@ -117,7 +117,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=common.count, default=512)
     parser.add_argument("--no-torch", action="store_true", help="skip torchjd even if installed")
     parser.add_argument("--torch-python", default=None, help="interpreter with torch, torchjd")
-    parser.add_argument("--out", default=None, help="folder for aggregator_speed.md")
+    parser.add_argument("--out", default=None, help="folder for aggregator_speed_<backend>.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, few calls, no torch")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -202,19 +202,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     step_table += "".join(f"\n\n* {note}" for note in notes)
     text = (
-        "# Aggregator speed (CPU)\n\n"
+        f"# Aggregator speed ({jax.default_backend()})\n\n"
         f"Weighting solve alone: jitted `update` on `A Aᵀ` (A K x 2000 Gaussian), initial "
         f"state, median of {args.solve_calls} calls after warm-up (µs).\n\n{solve_table}\n\n"
         f"Full tier-3 step, trunk {' → '.join(map(str, sizes))} ReLU, K = {k} linear 10-way "
         f"heads, batch {args.batch_size}, Adam; median of {args.steps} steps after 2 warm-up "
-        f"rounds, interleaved with PyTorch's (its own process). JAX {jax.__version__} on "
-        f"{jax.default_backend()}, {num_cores()} cores. "
+        f"rounds, interleaved with PyTorch's (its own process). {common.jax_device()}, "
+        f"{num_cores()} cores. "
         f"Wall time {clock():.0f} s.\n\n{step_table}\n"
     )
     print(solve_table)
     print()
     print(step_table)
-    for path in common.write_results(args.out, "aggregator_speed", text, smoke=args.smoke):
+    name = f"aggregator_speed_{jax.default_backend()}"
+    for path in common.write_results(args.out, name, text, smoke=args.smoke):
         print(f"wrote {path}")
     return {"solve_table": solve_table, "step_table": step_table, "solves": solves, "steps": steps}
 

@@ -31,6 +31,11 @@ NUM_CLASSES = 10
 
 
 # --------------------------------------------------------------------------- command line
+def jax_device() -> str:
+    """``JAX <version> on <backend> (<device kind>)``: the device line of a timing table."""
+    return f"JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind})"
+
+
 def count(text: str) -> int:
     """argparse type of the count flags (steps, seeds, sizes, tasks): a positive int."""
     return _int_at_least(text, 1, "a positive integer")

@@ -172,13 +172,6 @@ def peak_mb(compiled) -> float:
     return total / 2**20
 
 
-def jax_device() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    return f"JAX {jax.__version__} on {jax.default_backend()} ({device.device_kind})"
-
-
 def task_gram_functions(batch_size: int, width: int, tasks: int):
     """``gram`` -> (compiled ``value_and_grad`` MGDA step, its arguments), and the path
     ``gram="auto"`` takes (its program is that path's)."""
@@ -365,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     text = (
         f"# Structured Gram: speed and memory ({results[args.models[0]]['backend']})\n\n"
-        f"{jax_device()}, {timing.num_cores()} cores; {torch_line}. Median of {args.calls} "
+        f"{common.jax_device()}, {timing.num_cores()} cores; {torch_line}. Median of {args.calls} "
         f"interleaved rounds after 2 warm-up rounds; SGD (lr {LR}); wall time {clock():.0f} s."
         "\n\n" + "\n\n".join(sections) + "\n"
     )

@@ -324,7 +324,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         default=None,
-        help="folder for speed_cpu.md ('': none; default results, none with --smoke)",
+        help="folder for speed_<backend>.md ('': none; default results, none with --smoke)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, K = 2, few steps, no torch (tests)"
@@ -447,13 +447,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "sanity line below holds."
     )
     text = (
-        "# Step time per tier (CPU)\n\n"
+        f"# Step time per tier ({jax.default_backend()})\n\n"
         f"Trunk {' → '.join(map(str, sizes))} (ReLU), K linear 10-way heads, batch "
         f"{args.batch_size}, Adam. Median of {args.steps} jitted steps after 2 warm-up "
         "calls, interleaved across methods (ms; in parentheses the ratio to the plain step "
         "of the same run; for torchjd, the "
         "ratio to our tier-3 MGDA through the split). chunked: chunk size "
-        f"ceil(K/4), at least 2. JAX {jax.__version__} on {jax.default_backend()}, "
+        f"ceil(K/4), at least 2. {common.jax_device()}, "
         f"{num_cores()} cores. {torch_note} Wall time {seconds:.0f} s; machine {load_before} "
         f"at the start, {machine_load()[1]} at the end (other jobs share the cores when the "
         "load exceeds them: absolute times inflate, ratios within a row stay comparable)."
@@ -480,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(memory_table)
     print()
     print(solve_table)
-    for path in common.write_results(args.out, "speed_cpu", text, smoke=args.smoke):
+    name = f"speed_{jax.default_backend()}"  # speed_cpu.md, speed_gpu.md, ...
+    for path in common.write_results(args.out, name, text, smoke=args.smoke):
         print(f"wrote {path}")
     return {
         "table": table,
