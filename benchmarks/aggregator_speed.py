@@ -171,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "torchjd": torch.alone(args.solve_calls, f"torchjd {torch_name} solve"),
             "ours": median_seconds(calls["ours solve"], calls=args.solve_calls),
         }
-    steps, sanity, withheld = timed_rounds(calls, calls=args.steps, torch=torch)
+    steps, sanity, withheld = timed_rounds(
+        calls, calls=args.steps, torch=torch, jax_backend=jax.default_backend()
+    )
     if torch is None:
         withheld = "torchjd not run"
     else:

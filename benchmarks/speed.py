@@ -382,7 +382,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             arrays = dict(sizes=sizes, aggregator="MGDA", lr=1e-3, x=np.asarray(x), y=np.asarray(y))
             torch = TorchProcess(torch_python, "multitask", arrays)
             torch_version = torch.version
-        row, sanity, withheld[num_tasks] = timed_rounds(calls, calls=args.steps, torch=torch)
+        row, sanity, withheld[num_tasks] = timed_rounds(
+            calls, calls=args.steps, torch=torch, jax_backend=jax.default_backend()
+        )
         light[num_tasks] = interleaved_medians(
             {name: calls[name] for name in LIGHT_STEPS}, calls=args.steps
         )
