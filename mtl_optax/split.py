@@ -308,8 +308,9 @@ def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_si
     """``(grads, weights, weighting_state)`` of one tier-1/2 step on a split forward pass.
 
     A Gram weighting first runs the heads backward with cotangent 1 (the feature gradients
-    ``∂L_i/∂z``, and the heads' own gradients); the encoder then gets ``Σ_i w_i ∂L_i/∂z``
-    through one encoder backward pass. A scalarization runs the heads backward with the
+    ``∂L_i/∂z``, or their first-layer factors where ``mtl_optax.feature_gram`` applies, and
+    the heads' own gradients); the encoder then gets ``Σ_i w_i ∂L_i/∂z`` through one encoder
+    backward pass. A scalarization runs the heads backward with the
     weights themselves (head ``i`` gets ``w_i ∇L_i``, the features ``w_i ∂L_i/∂z``).
     """
     losses = forward.losses
