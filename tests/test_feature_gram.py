@@ -332,3 +332,21 @@ def test_flax_nnx_stacked_linear_heads_take_the_factored_route(monkeypatch):
     gram = jnp.asarray(rows @ rows.T, jnp.float32)
     expected, _ = mtl.mgda().update(gram, None, mtl.mgda().init(k))
     np.testing.assert_allclose(state.weights, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_factored_tier2_under_vmap_over_an_ensemble():
+    """``jax.vmap`` of the tier-2 step over two models equals the two steps one by one."""
+    (p1, batch), (p2, _) = (init(jax.random.PRNGKey(s), k=4) for s in (6, 7))
+    grad_fn = mtl.split_value_and_grad(encode, stacked(dense_head), mtl.upgrad())
+    state = grad_fn.init(p1)
+    each = [grad_fn(p, batch, state) for p in (p1, p2)]
+    both = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), p1, p2)
+    states = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), state)
+    _, grads, out = jax.jit(jax.vmap(grad_fn, in_axes=(0, None, 0)))(both, batch, states)
+    for i, (_, grads_i, state_i) in enumerate(each):
+        np.testing.assert_allclose(out.weights[i], state_i.weights, rtol=1e-5, atol=1e-7)
+        jax.tree_util.tree_map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6),
+            grads,
+            grads_i,
+        )
