@@ -302,6 +302,11 @@ def check_gram_mode(gram: Any, chunk_size: Any) -> None:
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+    if chunk_size is not None and gram != "parameters":
+        raise ValueError(
+            f"`chunk_size` sets the Gram columns per batch of gram='parameters'; with "
+            f"gram={gram!r} it would be ignored. Drop it, or use gram='parameters'."
+        )
 
 
 def split_step(forward: SplitForward, weighting, weighting_state, gram, chunk_size, **extra):

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl_optax.aggregate import check_shared_argument, resolve_mask
+from mtl_optax.aggregate import check_shared_argument, leaf_paths, resolve_mask
 from mtl_optax.gram import apply_weighting, linear_gram
 from mtl_optax.state import check_tasks
 from mtl_optax.structured_gram import engine
@@ -219,12 +219,22 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
     Returns ``(losses, grads, weights, state, names, carry)``.
     """
     weighting, mask = config.weighting, resolve_mask(config.shared, params)
+    if not any(mask):
+        raise ValueError(
+            "the `shared` mask marks no params leaf as shared, which would leave nothing to "
+            "weight: mark the shared (encoder) leaves True."
+        )
     leaves, treedef = jax.tree_util.tree_flatten(params)
     names = []
 
     def losses_of(xs, b):
         out, carry = losses_fn(jax.tree_util.tree_unflatten(treedef, xs), b)
         losses, found = as_losses(out, "task_losses_fn")
+        if jnp.shape(losses) != (config.num_tasks,):
+            raise ValueError(
+                f"value_and_grad(tasks={config.num_tasks}): task_losses_fn returned "
+                f"{jnp.shape(losses)[0]} losses; set `tasks` to their number (or names)."
+            )
         names.append(found)
         return losses, carry
 
@@ -239,6 +249,13 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
             weighting, gram, losses, weighting_state, log2_scale=log2_scale, **extra
         )
     elif weighting.needs_gram:
+        for path, leaf in zip(leaf_paths(jax.tree_util.tree_flatten_with_path(params)[0]), leaves):
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise TypeError(
+                    f"params leaf {path} has dtype {jnp.result_type(leaf)}; only real "
+                    "floating-point parameters can be differentiated (keep integer state out "
+                    "of params)."
+                )
         losses, jvp, carry = jax.linearize(lambda xs: losses_of(xs, batch), leaves, has_aux=True)
         transpose = jax.linear_transpose(jvp, leaves)
 
@@ -280,11 +297,6 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
             return vjp_fn(c)[0]
 
         weights, state = weighting.update(None, losses, weighting_state, **extra)
-    if jnp.shape(losses) != (config.num_tasks,):
-        raise ValueError(
-            f"value_and_grad(tasks={config.num_tasks}): task_losses_fn returned "
-            f"{jnp.shape(losses)[0]} losses."
-        )
     w = jax.lax.stop_gradient(weights).astype(losses.dtype)
     shared_grads = vjp(w)
     head_grads = shared_grads if scales_heads(weighting) else vjp(jnp.ones_like(losses))

@@ -135,3 +135,62 @@ def test_flax_nnx_without_flax_says_how_to_install(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert 'pip install "mtl-optax[flax]"' in out.stdout
+
+
+def per_example_loss(params, batch):
+    return jnp.sum((batch["x"] @ params["w"] - batch["y"]) ** 2, axis=1)
+
+
+EXAMPLES = (
+    {"w": jnp.ones((4, 3))},
+    {"x": jnp.ones((8, 4)), "y": jnp.zeros((8, 3))},
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64])
+def test_structured_gram_refuses_integer_and_complex_losses(mode, dtype):
+    """Integer per-example losses gave an all-zero Gram and zero updates, silently."""
+
+    def loss(params, batch):
+        return per_example_loss(params, batch).astype(dtype)
+
+    params, batch = EXAMPLES
+    with pytest.raises(TypeError, match=f"dtype {jnp.dtype(dtype).name}.*real floating"):
+        MODES[mode](mtl.value_and_gram(loss))(params, batch)
+    grad_fn = mtl.instance_wise_value_and_grad(loss, mtl.upgrad(), batch_size=8)
+    with pytest.raises(TypeError, match="real floating"):
+        MODES[mode](grad_fn)(params, batch, grad_fn.init(params))
+
+
+def test_structured_gram_refuses_an_empty_batch():
+    params, batch = EXAMPLES
+    empty = jax.tree_util.tree_map(lambda a: a[:0], batch)
+    with pytest.raises(ValueError, match="batch is empty"):
+        mtl.value_and_gram(per_example_loss)(params, empty)
+
+
+def test_chunk_size_is_refused_where_it_would_be_ignored():
+    with pytest.raises(ValueError, match="would be ignored"):
+        mtl.split_value_and_grad(models.encode, models.HEADS, mtl.mgda(), chunk_size=2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", [mtl.mgda, mtl.famo])
+def test_whole_model_task_count_is_blamed_on_tasks(mode, method):
+    """It used to blame the weighting state ("call init(3)") the user never called."""
+    grad_fn = mtl.value_and_grad(models.task_losses, method(), tasks=K + 1, shared=models.SHARED)
+    with pytest.raises(ValueError, match=rf"tasks={K + 1}\): task_losses_fn returned {K} losses"):
+        MODES[mode](grad_fn)(PARAMS, BATCH, grad_fn.init(PARAMS))
+
+
+def test_whole_model_mask_sharing_nothing_and_integer_leaves():
+    nothing = jax.tree_util.tree_map(lambda _: False, models.SHARED)
+    grad_fn = mtl.value_and_grad(models.task_losses, mtl.mgda(), tasks=K, shared=nothing)
+    with pytest.raises(ValueError, match="marks no params leaf as shared"):
+        grad_fn(PARAMS, BATCH, grad_fn.init(PARAMS))
+    params = {**PARAMS, "count": jnp.array(3)}
+    shared = {**models.SHARED, "count": False}
+    grad_fn = mtl.value_and_grad(models.task_losses, mtl.mgda(), tasks=K, shared=shared)
+    with pytest.raises(TypeError, match=r"params leaf \['count'\] has dtype int32"):
+        grad_fn(params, BATCH, grad_fn.init(params))

@@ -337,6 +337,21 @@ def test_examples_on_another_axis_merged_reshape_and_arange_gather():
     assert_exact(loss_fn, params, batch, batch_dim=1)
 
 
+@pytest.mark.parametrize("mode", [None, "clip", "fill"])
+def test_embedding_lookups_out_of_range_follow_jax_grad(mode):
+    """Out-of-range indices: the forward pass reads a clamped (or, with "fill", a zero) row;
+    jax.grad drops the index's gradient unless the mode is "clip". The Gram follows jax.grad
+    (it gave such an example the clamped row's gradient before)."""
+
+    def loss_fn(params, batch):
+        rows = params["table"].at[batch["ids"]].get(mode=mode)
+        return jnp.sum(jnp.tanh(rows) ** 2, axis=-1)
+
+    params = {"table": normal(np.random.default_rng(0), (5, 4))}
+    batch = {"ids": jnp.array([0, 1, 1, 2, 4, 4, 7, 9], jnp.int32)}
+    assert_exact(loss_fn, params, batch)
+
+
 @pytest.mark.parametrize(
     "problem, strategies",
     [(tied_problem, ("ghost",)), (lax_conv_problem, ("ghost",)), (exotic_problem, ("auto",))],

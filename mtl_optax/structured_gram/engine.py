@@ -33,7 +33,7 @@ from mtl_optax.structured_gram.program import (
     read,
     tree_paths,
 )
-from mtl_optax.task_gradients import map_over_tasks
+from mtl_optax.task_gradients import check_losses_dtype, map_over_tasks
 
 STRATEGIES = ("auto", "ghost", "materialize")
 FACTORED = ("dot", "conv", "gather")
@@ -162,6 +162,7 @@ def prepare(fn: Callable, params, args, kwargs, *, batch_dim, has_aux, strategy,
             "the function must return a 1-D array of losses (one per "
             f"{'example' if batch_dim is not None else 'task'}), got {loss_shape}."
         )
+    check_losses_dtype(loss_shape, "the function")
     if batch_dim is not None and loss_shape.shape[0] != batch:
         raise ValueError(
             f"the function returned {loss_shape.shape[0]} losses for a batch of {batch} examples "
@@ -212,13 +213,18 @@ def _batch_leaves(args, batch_dim) -> tuple[int, int | None]:
         if not -len(shape) <= batch_dim < len(shape):
             raise ValueError(
                 f"batch leaf batch{path} has shape {shape}: it has no axis batch_dim="
-                f"{batch_dim} to index the examples."
+                f"{batch_dim} to index the examples. Values shared by every example go in "
+                "further arguments, f(params, batch, shared_value)."
             )
         sizes.add(shape[batch_dim])
     if len(sizes) != 1:
         raise ValueError(
             f"the batch leaves disagree on the number of examples (axis {batch_dim}): "
             f"{sorted(sizes)}."
+        )
+    if 0 in sizes:
+        raise ValueError(
+            f"the batch is empty: its leaves have 0 examples along axis batch_dim={batch_dim}."
         )
     return len(batch_leaves), sizes.pop()
 

@@ -289,11 +289,13 @@ def _gather_factors(st, op, invals, cot, labels, batch, in_ex, tasks) -> Factors
     order = _sorted(indexed, labels)
     valid = jnp.ones(idx.shape[:-1], bool)
     flat = jnp.zeros(idx.shape[:-1], jnp.int32)
-    fill = "FILL" in str(op.params["mode"]).upper()
+    # An out-of-range index reads a clamped row in the forward pass; jax.grad's scatter-add
+    # drops it (zero gradient) unless the mode is CLIP: the factors follow jax.grad.
+    drop = "CLIP" not in str(op.params["mode"]).upper()
     for j in order:
         d = indexed[j]
         i = idx[..., j].astype(jnp.int32)
-        if fill:
+        if drop:
             valid = valid & (i >= 0) & (i < v.shape[d])
         flat = flat * v.shape[d] + jnp.clip(i, 0, v.shape[d] - 1)
     flat = jnp.where(valid, flat, -1)
@@ -313,7 +315,7 @@ def _gather_factors(st, op, invals, cot, labels, batch, in_ex, tasks) -> Factors
     )
     out = jnp.transpose(cot, perm)
     out = out.reshape(out.shape[: lead + len(batch_positions)] + (1, -1))  # (K?, *rows, 1, Y)
-    out = out * valid[..., None, None].astype(out.dtype)
+    out = jnp.where(valid[..., None, None], out, 0)  # (a fill row's cotangent may be NaN)
     if tasks:
         n = math.prod(st.rows)
         return Factors(flat.reshape((n,)), out.reshape((out.shape[0], n, 1, st.y)), True)
