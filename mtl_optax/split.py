@@ -64,7 +64,13 @@ from mtl_optax.heads import (
     selected_positions,
     stacked_num_tasks,
 )
-from mtl_optax.task_gradients import SHARED, TaskGradients, check_strategy, map_over_tasks
+from mtl_optax.task_gradients import (
+    SHARED,
+    TaskGradients,
+    check_float_params,
+    check_strategy,
+    map_over_tasks,
+)
 from mtl_optax.weighted import WeightedGradFunction, check_weighting_method
 from mtl_optax.weighting.base import scales_heads
 
@@ -141,12 +147,7 @@ def split_forward(pure: PureSplit, params: Any, batch: Any) -> SplitForward:
     if not leaves:
         raise ValueError("`params` has no array leaves to differentiate.")
     names = _leaf_names(params)
-    for name, leaf in zip(names, leaves):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(
-                f"params leaf {name} has dtype {jnp.result_type(leaf)}; only real floating-point "
-                "parameters can be differentiated (keep integer state out of params)."
-            )
+    check_float_params(names, leaves)
 
     def unflatten(xs):
         return jax.tree_util.tree_unflatten(treedef, xs)

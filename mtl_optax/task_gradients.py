@@ -243,3 +243,13 @@ def check_losses_dtype(losses: Any, name: str) -> None:
             "(integer losses have zero gradients, complex ones no ordering). Compute them in "
             "float32, e.g. cast the labels' contribution with .astype(jnp.float32)."
         )
+
+
+def check_float_params(names: list[str], leaves: list[Any]) -> None:
+    """Every params leaf must be real floating point to be differentiated."""
+    for name, leaf in zip(names, leaves):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"params leaf {name} has dtype {jnp.result_type(leaf)}; only real floating-point "
+                "parameters can be differentiated (keep integer state out of params)."
+            )

@@ -37,6 +37,7 @@ from mtl_optax.structured_gram import engine
 from mtl_optax.task_gradients import (
     TaskGradients,
     basis,
+    check_float_params,
     check_losses_dtype,
     check_strategy,
     map_over_tasks,
@@ -249,13 +250,7 @@ def whole_model_step(losses_fn, config: WholeModelConfig, params, batch, weighti
             weighting, gram, losses, weighting_state, log2_scale=log2_scale, **extra
         )
     elif weighting.needs_gram:
-        for path, leaf in zip(leaf_paths(jax.tree_util.tree_flatten_with_path(params)[0]), leaves):
-            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-                raise TypeError(
-                    f"params leaf {path} has dtype {jnp.result_type(leaf)}; only real "
-                    "floating-point parameters can be differentiated (keep integer state out "
-                    "of params)."
-                )
+        check_float_params(leaf_paths(jax.tree_util.tree_flatten_with_path(params)[0]), leaves)
         losses, jvp, carry = jax.linearize(lambda xs: losses_of(xs, batch), leaves, has_aux=True)
         transpose = jax.linear_transpose(jvp, leaves)
 
