@@ -3,8 +3,9 @@
 Tier 2 weighs the tasks by ``G_ij = ⟨∂L_i/∂z, ∂L_j/∂z⟩``, the Gram of the feature gradients
 at the shared representation ``z``. Computed from the K materialised feature gradients it
 costs ``K·R·C·F`` multiply-adds to form them and ``K²·R·C`` for their Gram (z of R rows and C
-features, heads of F outputs): at K = 40 heads on 512 features of 256 examples that is 4×
-the rest of the training step.
+features, heads of F outputs), and writing, rescaling and reading back the (K, R, C) array:
+at K = 40 ten-way heads on 512 features of 256 examples (``benchmarks/speed.py``) that took
+2.7× the rest of the training step on a 2-core CPU.
 
 Most heads read the features once, through a product with their own weights (a dense first
 layer ``y_i = z W_i``, any ``dot_general`` contracting z's feature axes). Then the feature
